@@ -1,0 +1,341 @@
+"""Typed, validated view of `params.yaml`.
+
+Contract: `load_params(path)` reads a YAML file and returns a frozen `Params`, or raises
+`ConfigError` whose message names the key path, the bad value and what is allowed. Nothing
+else happens here: no folders are made, no URIs set, no network touched.
+
+Each top-level section is named after the stage that reads it (`ingest:` -> tasks/ingest.py);
+`model:` is shared by every stage that loads the base model. File locations are not params:
+they are fixed by `tasks/layout.py` so that `dvc.yaml` can name them statically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tasks.errors import ConfigError
+
+# A registered-model or experiment name: no path separators, no traversal, printable.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class Section(BaseModel):
+    """Base for every section: unknown keys fail, values are immutable after load."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(Section):
+    """The base model every stage builds on."""
+
+    base: str = Field(
+        "embedded:smollm2-135m-instruct",
+        description="`embedded:smollm2-135m-instruct`, `embedded:minilm-l6`, `random:<tiny|llama-1b|llama-8b>`, "
+        "a Hugging Face hub id, or a local folder with safetensors weights.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
+    trust_remote_code: bool = Field(
+        False, description="Allow a hub model's own Python code to run. Off by default; turn on only for code you trust."
+    )
+
+    @field_validator("base")
+    @classmethod
+    def _base_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must name a model, e.g. embedded:smollm2-135m-instruct")
+        return v
+
+
+class IngestConfig(Section):
+    """Where the raw data comes from."""
+
+    source: str = Field(
+        "embedded:rotten_tomatoes",
+        description="`embedded:rotten_tomatoes`, `hf:<dataset id>`, or a local .csv/.jsonl/.parquet path "
+        "(relative to the project root).",
+    )
+    split: str = Field("train", description="Split to read for `hf:` sources.")
+    revision: str | None = Field(None, description="Dataset revision for `hf:` sources.")
+    remote: str | None = Field(
+        None, description="DVC remote to push to; null = the project's default remote (`dvc remote default`)."
+    )
+
+
+class SplitConfig(Section):
+    """Deterministic train/validation/test split."""
+
+    validation: float = Field(0.1, ge=0.0, le=0.5, description="Fraction of rows (or groups) for validation.")
+    test: float = Field(0.1, gt=0.0, le=0.5, description="Fraction of rows (or groups) for test.")
+    group_by: str | None = Field(
+        "movie_name", description="Column whose values never straddle splits (null = split rows independently)."
+    )
+    seed: int = Field(42, ge=0, description="Seed of the split.")
+
+
+class PreprocessConfig(Section):
+    """Column mapping, formatting and tokenisation."""
+
+    format: Literal["instruction", "text", "classification"] = Field(
+        "instruction",
+        description="`instruction`: causal-LM SFT, loss only on the response; `text`: plain causal LM on the text; "
+        "`classification`: a sequence-classification head over `labels`.",
+    )
+    text_fields: list[str] = Field(["text"], min_length=1, description="Columns used as input text.")
+    label_field: str | None = Field("category", description="Column holding the label (instruction/classification).")
+    labels: dict[str, str] = Field(
+        {"rotten": "negative", "fresh": "positive"},
+        description="Raw label value -> label name; the name is the response text (verbalizer) for `instruction`.",
+    )
+    unknown_labels: Literal["error", "drop"] = Field(
+        "error", description="What to do with rows whose label is not a key of `labels`."
+    )
+    response_field: str | None = Field(
+        None, description="For `instruction` without labels: the column holding the response text."
+    )
+    prompt_template: str = Field(
+        "Review: {text}\nIs this review positive or negative?",
+        description="Python format string over `text_fields` building the prompt (instruction) or input text.",
+    )
+    chat_template: bool = Field(True, description="Wrap prompt/response in the tokenizer's chat template if it has one.")
+    system_prompt: str | None = Field(None, description="Optional system message for the chat template.")
+    max_length: int = Field(256, ge=8, le=131072, description="Tokens per example; longer ones are truncated.")
+    max_samples: int | None = Field(
+        None, ge=1, description="Cap on rows read after filtering (null = all); for quick runs."
+    )
+    split: SplitConfig = SplitConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PreprocessConfig:
+        if self.format == "classification" and (not self.label_field or len(self.labels) < 2):
+            raise ValueError("format 'classification' needs label_field and at least two labels")
+        if self.format == "instruction" and not self.label_field and not self.response_field:
+            raise ValueError("format 'instruction' needs label_field (+ labels) or response_field")
+        return self
+
+
+class PeftConfig(Section):
+    """Which PEFT method and its settings."""
+
+    method: Literal[
+        "lora", "adalora", "ia3", "loha", "lokr", "vera", "oft", "prompt_tuning", "prefix_tuning", "p_tuning"
+    ] = Field("lora", description="PEFT method.")
+    r: int = Field(16, ge=1, le=4096, description="Rank (LoRA, AdaLoRA initial rank, LoHa, LoKr, VeRA, OFT).")
+    alpha: float = Field(32.0, gt=0, description="Scaling numerator (LoRA family).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input (LoRA family).")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or `all-linear`."
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    init: str = Field(
+        "default",
+        description="LoRA init: `default`, `gaussian`, `pissa`, `pissa_niter_<n>`, `olora`, `loftq`, `eva`, ...",
+    )
+    num_virtual_tokens: int = Field(16, ge=1, le=1024, description="Prompt/prefix/p-tuning virtual tokens.")
+    quantize_4bit: bool = Field(False, description="QLoRA: load the base in 4-bit (bitsandbytes, CUDA only).")
+
+
+class TrainConfig(Section):
+    """Optimisation and checkpointing of the `train` stage."""
+
+    peft: PeftConfig = PeftConfig()
+    learning_rate: float = Field(2.0e-4, gt=0, le=100.0, description="Peak learning rate.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Schedule after warm-up."
+    )
+    warmup_steps: float = Field(0.1, ge=0, description="Warm-up: steps, or a fraction of max_steps if < 1.")
+    max_steps: int = Field(100, ge=1, description="Optimizer steps to train.")
+    global_batch_size: int = Field(16, ge=1, description="Examples per optimizer step (all devices).")
+    micro_batch_size: int = Field(8, ge=1, description="Examples per forward pass; accumulation is derived.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    seed: int = Field(42, ge=0, description="Seed for init, dropout and data order.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    save_steps: int = Field(25, ge=1, description="Checkpoint every N optimizer steps (for resume).")
+    logging_steps: int = Field(1, ge=1, description="Write the per-step log every N steps.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto` = CUDA if available, else CPU.")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="`auto` = bf16 on CUDA, fp32 on CPU.")
+    fast_path: bool = Field(True, description="On CUDA, use the fast training path (see docs/benchmarks.md).")
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> TrainConfig:
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"micro_batch_size ({self.micro_batch_size})"
+            )
+        return self
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.global_batch_size // self.micro_batch_size
+
+
+class EvaluateConfig(Section):
+    """Evaluation of base and adapter on the test split."""
+
+    max_samples: int | None = Field(400, ge=1, description="Test rows scored (null = all).")
+    batch_size: int = Field(16, ge=1, description="Rows per forward pass.")
+    generation_samples: int = Field(16, ge=0, description="Rows whose generation is compared (exact match).")
+    max_new_tokens: int = Field(8, ge=1, le=4096, description="Generation length for exact match and samples.")
+    sample_predictions: int = Field(20, ge=0, description="Rows in the sample-predictions table.")
+
+
+class MergeConfig(Section):
+    """Merging the adapter into the base weights."""
+
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Saved dtype of the merged model; `auto` = the base model's dtype."
+    )
+    tolerance: float = Field(1.0e-4, gt=0, description="Max |logit diff| merged vs base+adapter, in fp32.")
+    parity_samples: int = Field(8, ge=1, description="Held-out rows used for the parity check.")
+
+
+class RegisterConfig(Section):
+    """MLflow tracking, registration and the promotion gate."""
+
+    experiment: str = Field("peftflow", description="MLflow experiment name.")
+    model_name: str = Field("peftflow-adapter", description="Registered model name.")
+    primary_metric: str = Field("accuracy", description="Evaluation metric (adapter) the gate compares.")
+    min_delta: float = Field(0.0, ge=0, description="Required improvement of primary_metric over the champion.")
+    guards: dict[str, float] = Field(
+        {"f1_macro": 0.02}, description="Metric -> largest allowed regression vs the champion."
+    )
+    promote: bool = Field(True, description="Run the gate after registration (moves `champion` when it passes).")
+
+    @field_validator("experiment", "model_name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError(
+                "must be 1-128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
+        return v
+
+
+# `register` is a stage name; pydantic warns that it shadows ABCMeta.register, which instances never use.
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+
+
+class Params(Section):
+    """All of params.yaml. `root` is the project folder every relative path is resolved against."""
+
+    model: ModelConfig = ModelConfig()
+    ingest: IngestConfig = IngestConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    merge: MergeConfig = MergeConfig()
+    register: RegisterConfig = RegisterConfig()
+
+    root: Path = Field(Path("."), exclude=True, description="Project root (folder of the params file).")
+    sha256: str = Field("", exclude=True, description="sha256 of the params file bytes.")
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: {err.error_count()} invalid setting(s)"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  - {path}: unknown key (check the spelling; see docs/params.md for every key)")
+            continue
+        value = e.get("input")
+        shown = repr(value) if not isinstance(value, dict) else "{...}"
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  - {path} = {shown}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_params(data: Any, *, root: Path = Path("."), source: str = "params", sha256: str = "") -> Params:
+    """Validate an already-parsed mapping. Raises ConfigError naming each bad key path."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return Params.model_validate({**data, "root": root, "sha256": sha256})
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file; the project root is the file's folder.
+
+    Raises ConfigError for a missing file, invalid YAML (with line and column) or invalid values.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path} (pass --params PATH, or run from the project root)")
+    raw = path.read_bytes()
+    try:
+        data = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    return parse_params(data, root=path.resolve().parent, source=str(path), sha256=hashlib.sha256(raw).hexdigest())
+
+
+def flatten(params: Params) -> dict[str, Any]:
+    """Dotted-key view of every param (for MLflow), e.g. {"train.peft.r": 16}."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = value
+
+    walk("", params.model_dump(mode="json"))
+    return out
+
+
+def params_reference() -> str:
+    """Markdown reference of every key, generated from the schema (docs/params.md is this text)."""
+    lines = [
+        "# params.yaml reference",
+        "",
+        "Generated from `tasks/config.py` by `python -m tasks params-doc > docs/params.md`;",
+        "a unit test fails when this file is out of date. Unknown keys are errors.",
+        "",
+    ]
+
+    def section(prefix: str, model: type[BaseModel]) -> None:
+        rows = []
+        nested = []
+        for name, field in model.model_fields.items():
+            if field.exclude:
+                continue
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, Section):
+                nested.append((f"{prefix}.{name}" if prefix else name, ann))
+                continue
+            default = field.get_default(call_default_factory=True)
+            symbols = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<", "min_length": "min length"}
+            limits = [f"{sym} {getattr(m, attr)}" for m in field.metadata for attr, sym in symbols.items()
+                      if hasattr(m, attr)]
+            type_name = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            meaning = (field.description or "") + (f" ({', '.join(limits)})" if limits else "")
+            cells = [f"`{prefix}.{name}`", f"`{type_name}`", f"`{default!r}`", meaning]
+            rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        if rows:
+            lines.extend([f"## `{prefix}`", "", (model.__doc__ or "").strip(), "",
+                          "| key | type | default | meaning |", "|---|---|---|---|", *rows, ""])
+        for p, m in nested:
+            section(p, m)
+
+    for name, field in Params.model_fields.items():
+        if not field.exclude:
+            section(name, field.annotation)
+    return "\n".join(lines)
