@@ -7,6 +7,7 @@ PIP    := $(VENV)/bin/pip --disable-pip-version-check
 STAMP  := $(VENV)/.peftflow-installed
 PYTEST_ARGS ?=
 
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export HF_HUB_OFFLINE ?= 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import subprocess
 from pathlib import Path
 
@@ -57,11 +58,11 @@ def make_project(root: Path, overrides: dict | None = None, *, tiny: bool = True
     git(root, "init", "-q")
     git(root, "config", "user.email", "test@peftflow.local")
     git(root, "config", "user.name", "peftflow test")
-    subprocess.run(["dvc", "init", "-q"], cwd=root, check=True)
-    subprocess.run(["dvc", "config", "core.analytics", "false"], cwd=root, check=True)
-    subprocess.run(["dvc", "remote", "add", "-d", "local", ".dvc-storage"], cwd=root, check=True,
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "remote", "add", "-d", "local", ".dvc-storage"], cwd=root, check=True,
                    capture_output=True)
-    subprocess.run(["dvc", "remote", "modify", "local", "url", ".dvc-storage"], cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "remote", "modify", "local", "url", ".dvc-storage"], cwd=root, check=True)
     git(root, "add", "-A")
     git(root, "commit", "-qm", "init")
     return root
@@ -71,3 +72,7 @@ def make_project(root: Path, overrides: dict | None = None, *, tiny: bool = True
 def project(tmp_path: Path) -> Path:
     """A fresh real project with the tiny test params (random:tiny model, 200 rows)."""
     return make_project(tmp_path / "proj")
+
+
+# Child processes (dvc stages calling `python -m tasks`) must find this venv's python first.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
