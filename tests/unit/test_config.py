@@ -1,0 +1,96 @@
+"""params.yaml errors are clear (key path, bad value, what is allowed) and the reference stays in sync."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from tasks.config import Params, Section, load_params, params_reference, parse_params
+from tasks.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def error_of(data: dict) -> str:
+    with pytest.raises(ConfigError) as err:
+        parse_params(data, source="params.yaml")
+    return str(err.value)
+
+
+def test_misspelt_key_names_its_path():
+    msg = error_of({"train": {"learning_rat": 0.1}})
+    assert "train.learning_rat: unknown key" in msg
+
+
+def test_wrong_type_names_key_and_value():
+    msg = error_of({"train": {"max_steps": "many"}})
+    assert "train.max_steps = 'many'" in msg and "integer" in msg
+
+
+def test_out_of_range_says_what_is_allowed():
+    msg = error_of({"preprocess": {"split": {"test": 0.9}}})
+    assert "preprocess.split.test = 0.9" in msg and "0.5" in msg
+
+
+def test_cross_field_rule_is_explained():
+    msg = error_of({"train": {"global_batch_size": 10, "micro_batch_size": 4}})
+    assert "multiple of micro_batch_size" in msg
+
+
+def test_invalid_yaml_gives_line_and_column(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  max_steps: 4\n  seed: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"invalid YAML at line \d+, column \d+"):
+        load_params(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_root_is_the_params_folder(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train: {max_steps: 3}\n")
+    params = load_params(path)
+    assert params.root == tmp_path.resolve() and params.train.max_steps == 3 and len(params.sha256) == 64
+
+
+def test_cli_bad_params_prints_one_message_and_exits_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ingest:\n  sourse: embedded:rotten_tomatoes\n")
+    proc = subprocess.run([sys.executable, "-m", "tasks", "preprocess", "--params", str(bad)],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: ") and "ingest.sourse: unknown key" in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_params_doc_is_generated_from_the_schema():
+    doc = (REPO / "docs" / "params.md").read_text()
+    assert doc.strip() == params_reference().strip(), "regenerate: python -m tasks params-doc > docs/params.md"
+
+
+def test_repo_params_yaml_lists_every_key_and_loads():
+    load_params(REPO / "params.yaml")
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+
+    def missing(model: type[BaseModel], section: dict, prefix: str) -> list[str]:
+        out = []
+        for name, field in model.model_fields.items():
+            if field.exclude:
+                continue
+            key = f"{prefix}.{name}" if prefix else name
+            if name not in section:
+                out.append(key)
+            elif isinstance(field.annotation, type) and issubclass(field.annotation, Section):
+                out += missing(field.annotation, section[name] or {}, key)
+        return out
+
+    assert missing(Params, data, "") == []
