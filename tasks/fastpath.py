@@ -1,0 +1,264 @@
+"""The fast LoRA training path on CUDA: padding-free packing with per-document attention, Liger
+kernels, no fp32 upcasts of adapter inputs, fused AdamW.
+
+Contract (called by tasks/train.py on CUDA when `train.fast_path` is true, after the PEFT model is
+built and before the Trainer is):
+
+    model, collator, trainer_kwargs = fastpath.prepare(model, collator, params.train)
+
+- `model` is the (PEFT-wrapped) causal LM; it is patched in place and returned.
+- `collator` is the collator train.py would use otherwise; for a causal LM with packing on, a
+  `PackingCollator` is returned instead (features need `input_ids`, optionally `labels`).
+- `trainer_kwargs` are extra `TrainingArguments` keywords (e.g. `optim`); train.py's own
+  arguments win on conflict only where it sets them explicitly after merging.
+
+What each technique buys and costs is measured in docs/benchmarks.md (bench/lora_throughput.py).
+Nothing here changes the CPU path: `prepare` raises TrainingError when called without CUDA unless
+`options.allow_cpu` (used by tests, which exercise the packing maths on CPU).
+
+Numerics: packed batches compute the same per-document causal attention and the same token-mean
+loss as right-padded batches (tests/unit/test_fastpath_cpu.py checks equality on random:tiny;
+tests/gpu/test_fastpath.py checks the flash varlen kernel against per-document SDPA).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from tasks.errors import TrainingError
+
+log = logging.getLogger(__name__)
+
+ATTN_NAME = "peftflow_varlen"  # the attention implementation registered with transformers
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class FastPathOptions:
+    """Switches for each technique; defaults are what the benchmark showed to pay."""
+
+    packing: bool = True  # padding-free batches + per-document varlen attention (causal LMs)
+    liger: bool = True  # Liger kernels: RMSNorm, RoPE, SwiGLU, fused linear cross-entropy
+    adapter_input_cast: bool = False  # peft's fp32 upcast of LoRA inputs (off = keep bf16 activations)
+    fused_adamw: bool = True  # optim="adamw_torch_fused"
+    compile: bool = False  # TrainingArguments(torch_compile=True); see docs/benchmarks.md
+    allow_cpu: bool = False  # tests only: run the packing path on CPU (per-document SDPA loop)
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+class PackingCollator:
+    """Concatenate a micro-batch of examples into one row of shape [1, total_tokens].
+
+    Returns `input_ids`, `labels`, `position_ids` (restarting at 0 per example) and the varlen
+    boundaries `cu_seq_lens_q/k` (int32, [n_examples + 1]) and `max_length_q/k` (int), which
+    transformers passes through to the attention function. The first label of every example is
+    IGNORE_INDEX so no token is trained to predict the next example's first token; a right-padded
+    batch never trains that position either (the causal-LM shift drops it), so the loss and
+    Trainer's token count (`labels[..., 1:] != -100`) match the padded batch exactly.
+    Examples with labels use them (e.g. -100 on prompt tokens); others train on every token.
+    """
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        if not features:
+            raise TrainingError("PackingCollator got an empty batch")
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        bounds = [0]
+        for i, f in enumerate(features):
+            x = list(f["input_ids"])
+            if not x:
+                raise TrainingError(f"example {i} of the batch has no input_ids; drop empty rows in preprocess")
+            y = list(f["labels"]) if f.get("labels") is not None else list(x)
+            if len(y) != len(x):
+                raise TrainingError(f"example {i}: labels ({len(y)}) and input_ids ({len(x)}) differ in length")
+            y[0] = IGNORE_INDEX
+            ids += x
+            labels += y
+            positions += range(len(x))
+            bounds.append(bounds[-1] + len(x))
+        longest = max(b - a for a, b in zip(bounds, bounds[1:]))
+        cu = torch.tensor(bounds, dtype=torch.int32)
+        return {
+            "input_ids": torch.tensor([ids], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long),
+            "cu_seq_lens_q": cu,
+            "cu_seq_lens_k": cu,
+            "max_length_q": longest,
+            "max_length_k": longest,
+        }
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def _flash_varlen():
+    """torch's varlen flash attention and which keywords this torch version takes, or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn, set(inspect.signature(varlen_attn).parameters)
+
+
+def _per_document_sdpa(q, k, v, cu, scaling):
+    """Reference (and CPU) path: causal SDPA on each document separately. q/k/v: [T, H, D]."""
+    import torch
+    import torch.nn.functional as F
+
+    n_rep = q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        qd, kd, vd = (t[a:b].transpose(0, 1) for t in (q, k, v))  # [H, L, D]
+        if n_rep > 1:
+            kd, vd = kd.repeat_interleave(n_rep, 0), vd.repeat_interleave(n_rep, 0)
+        out[a:b] = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=scaling).transpose(0, 1)
+    return out
+
+
+def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function for packed rows: each document attends only to itself.
+
+    query [1, Hq, T, D], key/value [1, Hkv, T, D] -> ([1, T, Hq, D], None). Needs the
+    `cu_seq_lens_q` / `max_length_q` keywords that PackingCollator emits. Without them the batch
+    is taken as unpacked and right-padded (causal attention never looks at later padding), which
+    is what a padded evaluation batch needs.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if dropout:
+        raise TrainingError("the fast path's attention has no dropout; set the model's attention_dropout to 0")
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask[:, 0].all()):
+            raise TrainingError("left-padded batch on the fast path; pad on the right or set train.fast_path: false")
+        gqa = query.shape[1] != key.shape[1]
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=gqa)
+        return out.transpose(1, 2).contiguous(), None
+    if query.shape[0] != 1:
+        raise TrainingError(f"packed attention expects one packed row, got a batch of {query.shape[0]}")
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
+    cu = cu.to(device=q.device, dtype=torch.int32)
+    flash = _flash_varlen() if q.is_cuda else None
+    if flash is None:
+        out = _per_document_sdpa(q, k, v, cu, scaling)
+    else:
+        fn, params = flash
+        extra: dict[str, Any] = {}
+        if "enable_gqa" in params:
+            extra["enable_gqa"] = q.shape[1] != k.shape[1]
+        elif q.shape[1] != k.shape[1]:  # older torch: the varlen kernel wants equal head counts
+            n_rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1)
+        if "scale" in params:
+            extra["scale"] = scaling
+        elif scaling is not None and abs(scaling - q.shape[-1] ** -0.5) > 1e-6:
+            raise TrainingError("this torch's varlen attention has no `scale`; set train.fast_path: false")
+        if "is_causal" in params:
+            extra["is_causal"] = True
+        else:
+            extra["window_size"] = (-1, 0)
+        m = int(kwargs["max_length_q"])
+        out = fn(q, k, v, cu, cu, m, m, **extra)
+    return out.unsqueeze(0), None
+
+
+def register_attention() -> None:
+    """Register `varlen_attention` with transformers under ATTN_NAME (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_NAME, varlen_attention)
+
+
+def _set_attention(base_model) -> None:
+    register_attention()
+    try:
+        base_model.set_attn_implementation(ATTN_NAME)
+    except (ValueError, AttributeError, KeyError):
+        base_model.config._attn_implementation = ATTN_NAME
+
+
+# ----------------------------------------------------------------------------- prepare
+
+
+def _base_model(model):
+    """The transformers model under a PeftModel (or the model itself)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def _is_causal_lm(base) -> bool:
+    return type(base).__name__.endswith("ForCausalLM")
+
+
+def _apply_liger(base) -> bool:
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        log.warning("liger-kernel is not installed: the fast path runs without fused kernels "
+                    "(pip install liger-kernel; see docs/benchmarks.md)")
+        return False
+    _apply_liger_kernel_to_instance(model=base)
+    return True
+
+
+def _keep_adapter_input_dtype(model) -> int:
+    """Stop peft from copying each LoRA input to the adapter's fp32 dtype.
+
+    Under bf16 autocast the adapter matmul runs in bf16 anyway, so peft's cast only adds two
+    full-size activation copies per adapted layer (bf16 -> fp32 -> bf16) and keeps the fp32 copy
+    for backward. The fp32 adapter weights (master copy for AdamW) are unchanged.
+    """
+    n = 0
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled") and hasattr(module, "lora_A"):
+            module.cast_input_dtype_enabled = False
+            n += 1
+    return n
+
+
+def prepare(model, collator, train_cfg, options: FastPathOptions | None = None):
+    """Patch `model` for fast LoRA training; return (model, collator, trainer_kwargs).
+
+    Reads `train_cfg.fast_path` (returns everything unchanged when false). Raises TrainingError
+    on a machine without CUDA (unless options.allow_cpu) and for a model whose attention cannot
+    be packed (options.packing with a non-causal-LM head is skipped, not an error).
+    The techniques applied are recorded in `model.peftflow_fast_path` (a tuple of names).
+    """
+    import torch
+
+    options = options or FastPathOptions()
+    if not getattr(train_cfg, "fast_path", True):
+        return model, collator, {}
+    if not torch.cuda.is_available() and not options.allow_cpu:
+        raise TrainingError("train.fast_path needs CUDA; set train.fast_path: false or train.device: cuda")
+    base = _base_model(model)
+    applied: list[str] = []
+    trainer_kwargs: dict[str, Any] = {}
+
+    if options.packing and _is_causal_lm(base):
+        _set_attention(base)
+        collator = PackingCollator()
+        applied.append("packing")
+    if options.liger and _apply_liger(base):
+        applied.append("liger")
+    if not options.adapter_input_cast and _keep_adapter_input_dtype(model):
+        applied.append("bf16_adapter_inputs")
+    if options.fused_adamw and torch.cuda.is_available():
+        trainer_kwargs["optim"] = "adamw_torch_fused"
+        applied.append("fused_adamw")
+    if options.compile:
+        trainer_kwargs["torch_compile"] = True
+        applied.append("compile")
+    model.peftflow_fast_path = tuple(applied)
+    log.info("fast path: %s", ", ".join(applied) or "nothing applied")
+    return model, collator, trainer_kwargs
