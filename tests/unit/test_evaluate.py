@@ -1,0 +1,152 @@
+"""Evaluate stage on the tiny random model (CPU), with real processed data and real adapters.
+
+The project is real (tests/conftest.py `make_project`), its data goes through the real preprocess
+stage, and adapters are real peft adapters saved with save_pretrained: LoRA with its B matrices
+perturbed (peft initialises B to zero, which would make the adapter a no-op) and prompt tuning.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import make_project
+from tasks import evaluate, layout, models, preprocess
+from tasks.config import Params, load_params
+from tasks.errors import ModelError
+
+POSITIVE = ["a warm, funny and moving film", "the cast is superb", "smart, tender, beautifully shot",
+            "one of the best films of the year", "the story sings"]
+NEGATIVE = ["dull, overlong and lifeless", "a mess of cliches", "the plot makes no sense",
+            "i checked my watch every minute", "no heart at all"]
+
+
+def prepared_project(root: Path, overrides: dict | None = None) -> Params:
+    """A real project with raw data run through the real preprocess stage; returns its params."""
+    make_project(root, overrides)
+    rows = [{"text": f"{t} #{k}", "category": cat, "movie_name": f"movie {k % 12}"}
+            for k in range(6) for texts, cat in ((POSITIVE, "fresh"), (NEGATIVE, "rotten")) for t in texts]
+    (root / layout.RAW_DATA).parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_parquet(root / layout.RAW_DATA)
+    params = load_params(root / "params.yaml")
+    preprocess.run(params)
+    return params
+
+
+def make_adapter(params: Params, method: str = "lora", scale: float = 0.5, seed: int = 1,
+                 target: Path | None = None) -> Path:
+    """Save a real adapter for the project's base model at models/adapter (or `target`)."""
+    import torch
+    from peft import LoraConfig, PromptTuningConfig, TaskType, get_peft_model
+
+    base = models.resolve(params.model)
+    classification = params.preprocess.format == "classification"
+    labels = len(json.loads((params.root / layout.report("preprocess")).read_text())["label_names"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = models.load_model(base, classification_labels=labels if classification else None)
+        task = TaskType.SEQ_CLS if classification else TaskType.CAUSAL_LM
+        if method == "lora":
+            config = LoraConfig(task_type=task, r=4, lora_alpha=8, target_modules="all-linear")
+        else:
+            config = PromptTuningConfig(task_type=task, num_virtual_tokens=4)
+        peft_model = get_peft_model(model, config)
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * scale)
+    target = target or params.root / layout.ADAPTER
+    peft_model.save_pretrained(str(target), safe_serialization=True)
+    models.load_tokenizer(base).save_pretrained(str(target))
+    return target
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Params:
+    return prepared_project(tmp_path / "proj")
+
+
+def test_report_keys_lift_and_outputs(tiny: Params):
+    make_adapter(tiny)
+    result = evaluate.run(tiny)
+    report = json.loads((tiny.root / layout.report("evaluate")).read_text())
+    for which in ("base", "adapter", "lift"):
+        assert set(report[which]) >= {"accuracy", "f1_macro", "loss", "perplexity", "exact_match"}
+    assert report["label_names"] == ["negative", "positive"]
+    n_test = len(evaluate.load_test_split(tiny))
+    assert report["n_samples"] == min(tiny.evaluate.max_samples, n_test) == result.n_samples
+    for k in ("accuracy", "f1_macro", "loss", "perplexity", "exact_match"):
+        assert report["lift"][k] == report["adapter"][k] - report["base"][k]
+    for which in ("base", "adapter"):
+        m = report[which]
+        assert 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["f1_macro"] <= 1.0 and 0.0 <= m["exact_match"] <= 1.0
+        assert m["perplexity"] == pytest.approx(math.exp(m["loss"]))
+    # the perturbed adapter really changes the model
+    assert report["adapter"]["loss"] != report["base"]["loss"]
+    assert result.lift == report["lift"]
+
+    with open(tiny.root / layout.PREDICTIONS, newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == tiny.evaluate.sample_predictions
+    assert set(table[0]) >= {"input", "expected", "base_output", "adapter_output"}
+    assert all(r["expected"] in {"negative", "positive"} for r in table)
+    assert (tiny.root / layout.CONFUSION_MATRIX).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # same params, same files: the same report
+    first = (tiny.root / layout.report("evaluate")).read_bytes()
+    evaluate.run(tiny)
+    assert (tiny.root / layout.report("evaluate")).read_bytes() == first
+
+
+def test_loss_matches_model_loss_and_padding_is_exact(tiny: Params):
+    """Batched, padded scoring equals one-row-at-a-time scoring and the model's own loss."""
+    import torch
+
+    base = models.resolve(tiny.model)
+    model = models.load_model(base).eval()
+    test = evaluate.load_test_split(tiny)
+    # rows cut by k prompt tokens so they differ in length and padding matters
+    seqs = [(list(r["input_ids"])[3 * k:], list(r["labels"])[3 * k:])
+            for k, r in enumerate(test.select(range(min(6, len(test)))))]
+    kw = dict(pad_id=256, device=torch.device("cpu"), desc="t")
+    batched = evaluate.sequence_nll(model, seqs, batch_size=6, **kw)
+    for (ids, labels), (nll, n) in zip(seqs, batched):
+        with torch.no_grad():
+            ref = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.item()
+        assert n == sum(lab != -100 for lab in labels[1:])
+        assert nll / n == pytest.approx(ref, abs=1e-5)
+    one_by_one = evaluate.sequence_nll(model, seqs, batch_size=1, **kw)
+    assert len({len(ids) for ids, _ in seqs}) > 1  # rows of different lengths: padding is exercised
+    assert [n for _, n in batched] == [n for _, n in one_by_one]
+    assert [s for s, _ in batched] == pytest.approx([s for s, _ in one_by_one], abs=1e-4)
+
+    tok = models.load_tokenizer(base)
+    prompts = [ids[: labels.index(next(x for x in labels if x != -100))] for ids, labels in seqs]
+    kw = dict(max_new_tokens=5, tokenizer=tok, device=torch.device("cpu"), desc="g")
+    assert evaluate.generate(model, prompts, batch_size=6, **kw) == evaluate.generate(model, prompts, batch_size=1, **kw)
+
+
+def test_prompt_tuning_adapter_is_scored(tiny: Params):
+    make_adapter(tiny, method="prompt_tuning")
+    report = json.loads(json.dumps(evaluate.run(tiny).__dict__))
+    assert report["adapter"]["loss"] != report["base"]["loss"]
+    assert report["lift"]["accuracy"] == report["adapter"]["accuracy"] - report["base"]["accuracy"]
+    saved = json.loads((tiny.root / layout.report("evaluate")).read_text())
+    assert saved["adapter_method"] == "PROMPT_TUNING"
+
+
+def test_missing_adapter_is_a_clear_error(tiny: Params):
+    with pytest.raises(ModelError, match="adapter_config.json not found; run `python -m tasks train`"):
+        evaluate.run(tiny)
+
+
+def test_select_rows_is_deterministic():
+    assert evaluate.select_rows(5, None, 0) == [0, 1, 2, 3, 4]
+    assert evaluate.select_rows(5, 9, 0) == [0, 1, 2, 3, 4]
+    picked = evaluate.select_rows(100, 10, 42)
+    assert picked == evaluate.select_rows(100, 10, 42) == sorted(set(picked)) and len(picked) == 10
