@@ -56,6 +56,7 @@ def presets(steps: int) -> dict[str, list[dict]]:
             _cfg("1b-base-b16", "llama-1b", "dense", "baseline", 16, s),
             _cfg("1b-fast-b16", "llama-1b", "dense", "fast", 16, s, parity_with="1b-base-b16"),
             _cfg("1b-fast-b8", "llama-1b", "dense", "fast", 8, s),
+            _cfg("8b-fast-b4-profile", "llama-8b", "dense", "fast", 4, 10, profile=True),
         ],
         "sft": [
             _cfg("1b-sft-base-b16", "llama-1b", "sft", "baseline", 16, s),
@@ -70,7 +71,7 @@ def presets(steps: int) -> dict[str, list[dict]]:
             _cfg("1b-fast-b16-nopack", "llama-1b", "dense", "fast", 16, s, packing=False),
             _cfg("1b-fast-b16-cast", "llama-1b", "dense", "fast", 16, s, adapter_input_cast=True),
             _cfg("1b-fast-b16-compile", "llama-1b", "dense", "fast", 16, s, compile=True),
-            _cfg("8b-fast-b4-profile", "llama-8b", "dense", "fast", 4, 16, profile=True),
+            _cfg("1b-fast-b16-profile", "llama-1b", "dense", "fast", 16, 10, profile=True),
         ],
     }
 
@@ -224,7 +225,10 @@ def run_one(cfg: dict, warmup: int, out_dir: Path) -> dict:
     trainer.train()
     if prof is not None:
         prof.__exit__(None, None, None)
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+        try:
+            table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=30)
+        except (AttributeError, KeyError, ValueError):
+            table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30)
         (out_dir / f"profile_{cfg['name']}.txt").write_text(table)
         print(table)
 

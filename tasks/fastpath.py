@@ -196,7 +196,11 @@ def _base_model(model):
     return get() if callable(get) else model
 
 
-def _is_causal_lm(base) -> bool:
+def _packable(model, base) -> bool:
+    """Causal LMs only, and not prompt-learning methods (their virtual tokens are prepended per row)."""
+    peft_configs = getattr(model, "peft_config", {}) or {}
+    if any(getattr(c, "is_prompt_learning", False) for c in peft_configs.values()):
+        return False
     return type(base).__name__.endswith("ForCausalLM")
 
 
@@ -245,7 +249,7 @@ def prepare(model, collator, train_cfg, options: FastPathOptions | None = None):
     applied: list[str] = []
     trainer_kwargs: dict[str, Any] = {}
 
-    if options.packing and _is_causal_lm(base):
+    if options.packing and _packable(model, base):
         _set_attention(base)
         collator = PackingCollator()
         applied.append("packing")
