@@ -13,8 +13,9 @@ Contract:
 Raises DataError (a PeftflowError) with what to do for a missing git/DVC repo, a missing remote,
 an unknown target or stage, or objects missing on the remote.
 
-DVC allows one writer per repository: calls here are serialised in-process by a lock, and each
-opens the repo with wait-for-lock so it waits for another process instead of failing after ~3 s.
+DVC allows one writer per repository: calls here are serialised in-process by a lock (and run
+with the cwd set to the project root, which DVC assumes in places), and each opens the repo with
+wait-for-lock so it waits for another DVC process instead of failing after ~3 s.
 A DVC stage command must never call this module on its own outputs (DVC holds the repo lock
 while the stage runs), which is why `ingest` is not a dvc.yaml stage.
 """
@@ -53,7 +54,10 @@ def _repo(root: Path) -> Iterator:
                     f"(and `dvc remote add -d <name> <url>` for pushes)"
                 ) from None
             try:
-                yield repo
+                # Some DVC code paths (e.g. the stage cache on commit) resolve paths against the
+                # process cwd, whatever the Repo root is; so DVC runs inside root (under _LOCK).
+                with contextlib.chdir(root):
+                    yield repo
             except DvcException as err:
                 raise DataError(f"DVC failed in {root}: {type(err).__name__}: {err}") from None
             finally:
