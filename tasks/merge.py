@@ -1,0 +1,230 @@
+"""Stage `merge`: fold the adapter into the base weights, with a logit parity check.
+
+Reads: `models/adapter/`, the base model (`model:`), `data/processed/` (split `test`, for parity
+inputs), `reports/preprocess.json` (label names, classification only), `merge:` params.
+Writes (atomically): `models/merged/` (safetensors + config + tokenizer + `MERGE.json`) and
+`reports/merge.json`.
+Raises ModelError: adapter missing, for a different base, with NaN/inf weights; `model.base` is a
+merged model that already contains this adapter; merged logits differ from base + adapter by more
+than `merge.tolerance` (then nothing is left under `models/merged/`).
+
+Steps: check every adapter tensor is finite; load the base in fp32 on CPU; load the adapter; take
+reference logits on `parity_samples` held-out test rows; `merge_and_unload(safe_merge=True)`;
+take merged logits (fp32, before any cast) and record `max_abs_logit_diff`; cast to `merge.dtype`
+(`auto` = the base's saved dtype); save; reload the saved folder and check every weight came back
+unchanged (catches weights saved under wrong names, which would load as fresh random weights).
+
+Prompt learning methods (prompt tuning, prefix tuning, p-tuning) add virtual tokens, not weight
+deltas, so there is nothing to merge: the stage succeeds, records the reason, and `models/merged/`
+holds only `MERGE.json` saying so (dvc.yaml names the folder as an output).
+
+`MERGE.json` records the adapter hash (weights + adapter_config.json), the base weights hash and the
+dtype. Re-running with the same adapter, base and dtype (and merged weights still intact) is a
+no-op; a `model.base` folder whose MERGE.json names this adapter is refused, since merging the
+same adapter twice would apply its update twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks import atomic, layout, models
+from tasks.config import Params
+from tasks.errors import ModelError
+from tasks.evaluate import attach_adapter, check_adapter, load_test_split, read_label_names, select_rows
+
+MARKER = "MERGE.json"
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    merged: bool  # False when the method cannot be merged (see reason)
+    reason: str | None
+    reused: bool  # True when models/merged already held this exact merge (no-op)
+    max_abs_logit_diff: float | None
+    dtype: str | None
+    path: str
+    report: str
+
+
+def adapter_sha256(adapter_dir: Path) -> str:
+    """Identity of an adapter: its weights and its config (scaling lives in the config)."""
+    config = (adapter_dir / "adapter_config.json").read_bytes()
+    text = f"weights:{models.weights_sha256(adapter_dir)}\nconfig:{hashlib.sha256(config).hexdigest()}\n"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def check_finite(adapter_dir: Path) -> None:
+    """Raise ModelError naming the first adapter tensor that holds NaN or inf."""
+    import torch
+    from safetensors import safe_open
+
+    for path in sorted(adapter_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                bad = int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
+                if bad:
+                    raise ModelError(
+                        f"{path}: tensor '{key}' has {bad} non-finite (NaN/inf) values; the adapter is broken "
+                        f"(training diverged?). Re-train it, e.g. with a lower train.learning_rate"
+                    )
+
+
+def target_dtype(params: Params, base: models.BaseModel) -> str:
+    """torch dtype name to save in: merge.dtype, or for `auto` the dtype the base was saved in."""
+    if params.merge.dtype != "auto":
+        return DTYPES[params.merge.dtype]
+    try:
+        config = json.loads((Path(base.path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float32"
+    name = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    return name if name in DTYPES.values() else "float32"
+
+
+def _refuse_merged_base(base: models.BaseModel, adapter_dir: Path) -> None:
+    marker = Path(base.path) / MARKER
+    if not marker.is_file() or not (adapter_dir / "adapter_config.json").is_file():
+        return
+    info = json.loads(marker.read_text())
+    if info.get("merged") and info.get("adapter_sha256") == adapter_sha256(adapter_dir):
+        raise ModelError(
+            f"model.base '{base.spec}' is a merged model that already contains this adapter ({marker}); "
+            f"merging it again would apply the adapter twice. Set model.base to the original base "
+            f"'{info.get('base_model')}'"
+        )
+
+
+def _reusable(merged_dir: Path, identity: dict, tolerance: float) -> dict | None:
+    """The stored report if models/merged already is this merge, intact and within tolerance."""
+    marker = merged_dir / MARKER
+    if not marker.is_file():
+        return None
+    try:
+        info = json.loads(marker.read_text())
+        report = info["report"]
+        same = all(info.get(k) == v for k, v in identity.items())
+        if not same or not report.get("merged"):
+            return None
+        if not report["max_abs_logit_diff"] <= tolerance:
+            return None
+        if models.weights_sha256(merged_dir) != info["merged_weights_sha256"]:
+            return None
+    except (OSError, ValueError, KeyError, TypeError, ModelError):
+        return None  # anything odd: merge again rather than trust it
+    return report
+
+
+def _logits(model, rows: list[list[int]]) -> list:
+    """fp32 logits per row, one row at a time (no padding, so nothing to mask)."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for ids in rows:
+            out.append(model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+                       .logits.float()[0])
+    return out
+
+
+def _check_roundtrip(folder: Path, merged, base: models.BaseModel, dtype, classification_labels: int | None,
+                     trust_remote_code: bool) -> None:
+    reloaded = models.load_model(
+        models.BaseModel(str(folder), str(folder), None, "", base.is_encoder),
+        classification_labels=classification_labels, dtype=dtype, trust_remote_code=trust_remote_code,
+    )
+    want = merged.state_dict()
+    got = reloaded.state_dict()
+    wrong = sorted(k for k in want if k not in got or not got[k].equal(want[k]))
+    if wrong:
+        raise ModelError(f"the saved merged model does not reload to the merged weights ({len(wrong)} tensors "
+                         f"differ, e.g. {wrong[:3]}); this is a bug, please report it")
+
+
+def run(params: Params) -> MergeResult:
+    """Merge models/adapter into the base into models/merged; see the module docstring."""
+    import torch
+
+    root = params.root
+    adapter_dir = root / layout.ADAPTER
+    merged_dir = root / layout.MERGED
+    report_path = root / layout.report("merge")
+    base = models.resolve(params.model)
+    _refuse_merged_base(base, adapter_dir)
+    peft_config = check_adapter(adapter_dir, base)
+    method = str(getattr(peft_config.peft_type, "value", peft_config.peft_type))
+    a_sha = adapter_sha256(adapter_dir)
+    identity = {"adapter_sha256": a_sha, "base_weights_sha256": base.weights_sha256}
+
+    if peft_config.is_prompt_learning:
+        reason = (f"{method} learns virtual-token embeddings/prefix activations, not weight deltas, so there is "
+                  "nothing to merge into the base weights; serve the base with the adapter instead")
+        report = {"merged": False, "method": method, "reason": reason, "base_model": base.spec, **identity}
+        with atomic.directory(merged_dir) as tmp:
+            atomic.write_json(tmp / MARKER, {**identity, "merged": False, "reason": reason, "report": report})
+        atomic.write_json(report_path, report)
+        return MergeResult(False, reason, False, None, None, str(layout.MERGED), str(report_path))
+
+    dtype_name = target_dtype(params, base)
+    identity["dtype"] = dtype_name
+    stored = _reusable(merged_dir, identity, params.merge.tolerance)
+    if stored is not None:
+        atomic.write_json(report_path, stored)
+        return MergeResult(True, None, True, stored["max_abs_logit_diff"], dtype_name, str(layout.MERGED),
+                           str(report_path))
+
+    check_finite(adapter_dir)
+    classification = params.preprocess.format == "classification"
+    label_names = read_label_names(params) if classification else []
+    n_labels = len(label_names) if classification else None
+    test = load_test_split(params)
+    picked = select_rows(len(test), params.merge.parity_samples, params.preprocess.split.seed)
+    rows = [list(x) for x in test.select(picked)["input_ids"]]
+    tokenizer = models.load_tokenizer(base, trust_remote_code=params.model.trust_remote_code)
+
+    # fp32 on CPU: a bf16 merge loses updates smaller than bf16 rounding of W (stack-facts.md).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # same fresh class head as evaluate (the adapter normally replaces it)
+        model = models.load_model(base, classification_labels=n_labels, dtype=torch.float32,
+                                  trust_remote_code=params.model.trust_remote_code).eval()
+    model = attach_adapter(model, adapter_dir, base)
+    reference = _logits(model, rows)
+    try:
+        merged = model.merge_and_unload(safe_merge=True)
+    except ValueError as err:  # safe_merge found non-finite merged weights
+        raise ModelError(f"merging {adapter_dir} gives non-finite weights ({err}); re-train the adapter") from None
+    diff = max(float((a - b).abs().max()) for a, b in zip(reference, _logits(merged, rows)))
+
+    report = {"merged": True, "method": method, "base_model": base.spec, **identity,
+              "max_abs_logit_diff": diff, "tolerance": params.merge.tolerance, "parity_samples": len(rows),
+              "parity_dtype": "float32"}
+    if not diff <= params.merge.tolerance:  # written so that NaN fails too
+        shutil.rmtree(merged_dir, ignore_errors=True)  # a stale merge must not pass for this one
+        atomic.write_json(report_path, {**report, "passed": False})
+        raise ModelError(
+            f"merged model differs from base + adapter by max |logit diff| {diff:.3g} > merge.tolerance "
+            f"{params.merge.tolerance:g} on {len(rows)} test rows; nothing was written to {layout.MERGED}. "
+            f"Check the adapter (method {method}) or raise merge.tolerance if the difference is expected"
+        )
+    report["passed"] = True
+
+    dtype = getattr(torch, dtype_name)
+    merged = merged.to(dtype)
+    if classification:
+        merged.config.id2label = dict(enumerate(label_names))
+        merged.config.label2id = {name: i for i, name in enumerate(label_names)}
+    with atomic.directory(merged_dir) as tmp:
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        _check_roundtrip(tmp, merged, base, dtype, n_labels, params.model.trust_remote_code)
+        report["merged_weights_sha256"] = models.weights_sha256(tmp)
+        atomic.write_json(tmp / MARKER, {**identity, "merged": True,
+                                         "merged_weights_sha256": report["merged_weights_sha256"], "report": report})
+    atomic.write_json(report_path, report)
+    return MergeResult(True, None, False, diff, dtype_name, str(layout.MERGED), str(report_path))
