@@ -6,6 +6,8 @@ straddle splits; bad inputs fail with clear errors; a failed stage leaves no hal
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 from datasets import load_from_disk
@@ -187,11 +189,24 @@ def test_run_writes_dataset_and_report(tmp_path):
     assert set(ds) == {"train", "validation", "test"}
     assert ds["train"].column_names == ["input_ids", "labels", "label", "prompt", "target"]
     assert {k: len(v) for k, v in ds.items()} == result.rows and sum(result.rows.values()) == 120
-    import json
     report = json.loads((tmp_path / layout.report("preprocess")).read_text())
     assert report["label_names"] == ["negative", "positive"]
     assert set(report["tokens"]) == {"mean", "p50", "p95", "max", "truncated_fraction"}
     assert report["rows_per_label"]["train"]["positive"] > 0
+
+
+def test_rerun_reproduces_identical_bytes(tmp_path):
+    import hashlib
+
+    def digests():
+        return {p.relative_to(tmp_path): hashlib.md5(p.read_bytes()).hexdigest()
+                for p in sorted((tmp_path / layout.PROCESSED).rglob("*")) if p.is_file()}
+
+    write_raw(tmp_path, reviews(60, movies=20))
+    preprocess.run(params(tmp_path))
+    first = digests()
+    preprocess.run(params(tmp_path))
+    assert digests() == first  # so DVC sees an unchanged output and downstream stages stay cached
 
 
 def test_empty_raw_data_is_an_error(tmp_path):
