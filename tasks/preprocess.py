@@ -9,7 +9,8 @@ Raises: DataError for a missing raw file, missing columns (listing those that ex
         `prompt_template` naming a field outside `text_fields`.
 
 Rules, in order:
-1. Rows whose text fields are all empty/whitespace are dropped (`empty_text`).
+1. Rows whose text fields are all empty/whitespace are dropped (`empty_text`); so are
+   `instruction` rows whose `response_field` is empty (`empty_response`).
 2. Labels map raw value -> name through `preprocess.labels` (raw values compared as strings);
    class id = index of the name in `label_names` (names in first-seen order of the mapping).
    Unknown labels fail, or are dropped (`unknown_label`) with `unknown_labels: drop`.
@@ -143,7 +144,7 @@ def prepare_rows(df, cfg: PreprocessConfig) -> tuple[list[dict], list[str], dict
     _check_columns(df, cfg)
     _template_fields(cfg)
     names = label_names_of(cfg)
-    dropped = {"empty_text": 0, "unknown_label": 0, "duplicate_text": 0}
+    dropped = {"empty_text": 0, "empty_response": 0, "unknown_label": 0, "duplicate_text": 0}
     unknown: dict[str, list[int]] = {}
     seen: set[tuple[str, ...]] = set()
     rows = []
@@ -164,6 +165,9 @@ def prepare_rows(df, cfg: PreprocessConfig) -> tuple[list[dict], list[str], dict
             label = names.index(target)
         elif cfg.format == "instruction":
             target = _as_text(rec[cfg.response_field])
+            if not target.strip():  # nothing to learn: the loss would cover only end-of-turn
+                dropped["empty_response"] += 1
+                continue
         key = tuple(t.strip() for t in texts)
         if key in seen:
             dropped["duplicate_text"] += 1

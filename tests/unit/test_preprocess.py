@@ -157,8 +157,19 @@ def test_empty_and_duplicate_texts_are_dropped_and_counted():
     df.loc[8, "text"] = df.loc[9, "text"] + "  "  # a duplicate after stripping
     df.loc[12, "text"] = df.loc[20, "text"]
     rows, _, dropped = preprocess.prepare_rows(df, params().preprocess)
-    assert dropped == {"empty_text": 2, "unknown_label": 0, "duplicate_text": 2}
+    assert dropped == {"empty_text": 2, "empty_response": 0, "unknown_label": 0, "duplicate_text": 2}
     assert len(rows) == 26 and len({r["text"].strip() for r in rows}) == 26
+
+
+def test_response_field_gives_the_target_and_empty_responses_are_dropped(tok):
+    df = pd.DataFrame({"question": ["2+2?", "capital of France?", "empty?"], "answer": ["4", "Paris", " "]})
+    cfg = params(text_fields=["question"], prompt_template="Q: {question}", response_field="answer",
+                 split={"group_by": None}).preprocess
+    rows, names, dropped = preprocess.prepare_rows(df, cfg)
+    assert names == [] and [r["target"] for r in rows] == ["4", "Paris"] and dropped["empty_response"] == 1
+    cols = preprocess.encode_rows(tok, cfg, rows)
+    assert cols["label"] == [-1, -1]
+    assert tok.decode([i for i, lab in zip(cols["input_ids"][1], cols["labels"][1]) if lab != IGNORE]) == "Paris<|im_end|>"
 
 
 def test_empty_after_filtering_is_an_error():
