@@ -24,7 +24,7 @@ def objects(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else set()
 
 
-def test_ingest_versions_pushes_and_is_idempotent_then_preprocess(project):
+def test_ingest_versions_pushes_is_idempotent_then_preprocess_and_push_check(project):
     params = load_params(project / "params.yaml")
     first = ingest.run(params)
     assert first.rows == 12808 and first.changed and first.path == str(layout.RAW_DATA)
@@ -49,6 +49,13 @@ def test_ingest_versions_pushes_and_is_idempotent_then_preprocess(project):
     texts = [set(ds[s]["prompt"]) for s in ("train", "validation", "test")]
     assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
 
+    # Objects lost from cache and remote: `dvc push` has nothing to send and succeeds; push() must not.
+    obj = Path("files/md5") / first.md5[:2] / first.md5[2:]
+    (project / ".dvc-storage" / obj).unlink()
+    (project / ".dvc" / "cache" / obj).unlink()
+    with pytest.raises(DataError, match="lacks 1 object"):
+        versioning.push(project, [layout.RAW_DATA])
+
 
 def test_changed_local_csv_gets_a_new_md5(project):
     (project / "data").mkdir(exist_ok=True)
@@ -62,16 +69,6 @@ def test_changed_local_csv_gets_a_new_md5(project):
     second = ingest.run(make())
     assert second.changed and second.md5 != first.md5 and second.rows == 3
     assert f"files/md5/{second.md5[:2]}/{second.md5[2:]}" in objects(project / ".dvc-storage")
-
-
-def test_push_detects_objects_missing_on_the_remote(project):
-    params = load_params(project / "params.yaml")
-    digest = ingest.run(params).md5
-    obj = Path("files/md5") / digest[:2] / digest[2:]
-    (project / ".dvc-storage" / obj).unlink()
-    (project / ".dvc" / "cache" / obj).unlink()  # nothing left to push: dvc push itself still succeeds
-    with pytest.raises(DataError, match="lacks 1 object"):
-        versioning.push(project, [layout.RAW_DATA])
 
 
 def test_push_without_a_remote_says_how_to_add_one(tmp_path):
