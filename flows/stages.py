@@ -79,6 +79,14 @@ def read_report(root: Path, stage: str) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _code_deps(root: Path) -> set[str]:
+    import yaml
+
+    stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages") or {}
+    return {d if isinstance(d, str) else next(iter(d)) for s in stages.values() for d in s.get("deps") or []
+            if str(d if isinstance(d, str) else next(iter(d))).startswith("tasks/")}
+
+
 @task(name="load-config", task_run_name="load-config · {path}", cache_policy=NO_CACHE)
 def load_config(path: str) -> Params:
     params = load_params(path)
@@ -89,6 +97,11 @@ def load_config(path: str) -> Params:
     if not (root / "dvc.yaml").is_file():
         raise ConfigError(f"{root} has no dvc.yaml: the project root is the folder of the params file; "
                           f"pass --params <checkout>/params.yaml or copy dvc.yaml there")
+    missing = sorted(d for d in _code_deps(root) if not (root / d).is_file())
+    if missing:
+        raise ConfigError(f"{root} is not a peftflow checkout: dvc.yaml's code deps are missing there "
+                          f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); put params.yaml "
+                          f"in the checkout's root (the stages' code must sit next to dvc.yaml)")
     get_run_logger().info("params %s (sha256 %s…), base model %s", path, params.sha256[:12], params.model.base)
     return params
 

@@ -3,7 +3,8 @@
 - every dvc.yaml stage is a CLI stage and runs exactly `python -m tasks <stage>`;
 - its code deps are exactly the `tasks/*.py` files the stage module imports (transitively), so a
   code change reruns precisely the stages that run that code;
-- its params are exactly the params.yaml sections that code reads (`params.<section>`);
+- its params are exactly the params.yaml sections that code reads (`params.<section>`; of another
+  stage's module only the functions it imports count);
 - its outputs are the fixed paths of tasks/layout.py, and reports/<stage>.json is a metric.
 """
 
@@ -71,14 +72,51 @@ def import_closure(stage: str) -> set[str]:
     return {m.replace(".", "/") + ".py" for m in seen} - NOT_CODE_DEPS
 
 
-def sections_read(files: set[str]) -> set[str]:
-    """params.yaml sections read as `params.<section>` in the given files (config.py defines them)."""
+def _params_sections(nodes) -> set[str]:
+    return {n.attr for node in nodes for n in ast.walk(node)
+            if isinstance(n, ast.Attribute) and n.attr in SECTIONS and isinstance(n.value, ast.Name)
+            and n.value.id == "params"}
+
+
+def _functions_used(tree: ast.Module, names: set[str]) -> list[ast.AST]:
+    """Module-level functions `names` plus the module functions they call, transitively."""
+    defs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)}
+    todo, seen = [n for n in names if n in defs], set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        todo.extend(n.id for n in ast.walk(defs[name]) if isinstance(n, ast.Name) and n.id in defs)
+    return [defs[n] for n in seen]
+
+
+def sections_read(stage: str) -> set[str]:
+    """params.yaml sections the stage's code reads as `params.<section>`.
+
+    The stage module and its helper modules count whole; of another stage's module (e.g. merge
+    reusing evaluate's loaders) only the functions imported by name, and what they call, count.
+    """
+    files = import_closure(stage) - {"tasks/config.py"}
+    trees = {rel: ast.parse((REPO / rel).read_text()) for rel in files}
+    whole = {rel for rel in files if rel == f"tasks/{stage}.py" or Path(rel).stem not in STAGES}
+    used: dict[str, set[str]] = {}
+    for tree in trees.values():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                if node.module.startswith("tasks.") and node.module.split(".")[1] in STAGES:
+                    used.setdefault(node.module.replace(".", "/") + ".py", set()).update(a.name for a in node.names)
+                elif node.module == "tasks":
+                    whole.update(f"tasks/{a.name}.py" for a in node.names if a.name in STAGES)
+            elif isinstance(node, ast.Import):
+                whole.update(a.name.replace(".", "/") + ".py" for a in node.names
+                             if a.name.startswith("tasks.") and a.name.split(".")[1] in STAGES)
     read: set[str] = set()
-    for rel in files - {"tasks/config.py"}:
-        for node in ast.walk(ast.parse((REPO / rel).read_text())):
-            if (isinstance(node, ast.Attribute) and node.attr in SECTIONS
-                    and isinstance(node.value, ast.Name) and node.value.id == "params"):
-                read.add(node.attr)
+    for rel, tree in trees.items():
+        if rel in whole:
+            read |= _params_sections([tree])
+        elif rel in used:
+            read |= _params_sections(_functions_used(tree, used[rel]))
     return read
 
 
@@ -105,7 +143,7 @@ def test_code_deps_are_the_import_closure(dvc_stages, stage):
 @pytest.mark.parametrize("stage", DVC_STAGES)
 def test_params_are_the_sections_read(dvc_stages, stage):
     declared = set(dvc_stages[stage].get("params") or [])
-    read = sections_read(import_closure(stage))
+    read = sections_read(stage)
     assert declared == read, (
         f"dvc.yaml stage {stage}: params {sorted(declared)} but its code reads {sorted(read)}")
     assert declared <= SECTIONS
