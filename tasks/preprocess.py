@@ -136,8 +136,8 @@ def label_names_of(cfg: PreprocessConfig) -> list[str]:
 def prepare_rows(df, cfg: PreprocessConfig) -> tuple[list[dict], list[str], dict[str, int]]:
     """Check columns, map labels, drop empty/unknown/duplicate rows (rules 1-4).
 
-    Returns (rows, label_names, dropped): each row has the text fields, `target`, `label` and
-    `group`; dropped counts rows per reason.
+    Returns (rows, label_names, dropped): each row is {"fields": {text field: value}, "target",
+    "label", "group"}; dropped counts rows per reason.
     """
     import numpy as np
 
@@ -174,7 +174,7 @@ def prepare_rows(df, cfg: PreprocessConfig) -> tuple[list[dict], list[str], dict
             continue
         seen.add(key)
         group = _as_text(rec[cfg.split.group_by]) if cfg.split.group_by else ""
-        rows.append({**dict(zip(cfg.text_fields, texts)), "target": target, "label": label,
+        rows.append({"fields": dict(zip(cfg.text_fields, texts)), "target": target, "label": label,
                      "group": group or f"\0row{number}"})  # no group value: the row is its own group
     if unknown and cfg.unknown_labels == "error":
         shown = "; ".join(f"{v!r} ({len(ix)} rows, e.g. row {ix[0]})" for v, ix in list(unknown.items())[:10])
@@ -229,7 +229,8 @@ def split_rows(rows: list[dict], cfg: PreprocessConfig) -> dict[str, list[dict]]
 # --- formatting and tokenisation --------------------------------------------------------------------
 
 def render_prompt(tokenizer, cfg: PreprocessConfig, row: dict) -> str:
-    """The text the model sees before the response: `prompt_template` over the row's text fields,
+    """The text the model sees before the response: `prompt_template` over `row`'s text fields
+    (a mapping with at least `preprocess.text_fields`, e.g. a raw-data row),
     wrapped in the tokenizer's chat template (with `system_prompt`) for `instruction` when enabled.
     """
     text = cfg.prompt_template.format(**{f: _as_text(row.get(f)) for f in cfg.text_fields})
@@ -285,7 +286,7 @@ def _encode_pair(tokenizer, prompt: str, response: str, max_length: int) -> tupl
 
 def encode_rows(tokenizer, cfg: PreprocessConfig, rows: list[dict]) -> dict[str, list]:
     """Columns for one split: input_ids, labels (causal LM), label, prompt, target, truncated."""
-    prompts = [render_prompt(tokenizer, cfg, r) for r in rows]
+    prompts = [render_prompt(tokenizer, cfg, r["fields"]) for r in rows]
     targets = [r["target"] if cfg.format != "text" else "" for r in rows]
     cols: dict[str, list] = {"input_ids": [], "labels": [], "label": [r["label"] for r in rows],
                              "prompt": prompts, "target": targets, "truncated": []}

@@ -85,7 +85,7 @@ def test_text_format_trains_on_every_token(tok):
     cols = preprocess.encode_rows(tok, cfg, rows)
     assert names == [] and set(cols["label"]) == {-1} and set(cols["target"]) == {""}
     assert cols["labels"] == cols["input_ids"]
-    assert tok.decode(cols["input_ids"][0]) == rows[0]["text"] + "<|im_end|>"
+    assert tok.decode(cols["input_ids"][0]) == rows[0]["fields"]["text"] + "<|im_end|>"
 
 
 def test_classification_has_class_ids_and_no_lm_labels(tok):
@@ -101,7 +101,7 @@ def test_classification_has_class_ids_and_no_lm_labels(tok):
 def split_texts(df, **split):
     cfg = params(split={"validation": 0.2, "test": 0.2, **split}).preprocess
     rows, _, _ = preprocess.prepare_rows(df, cfg)
-    return {name: [r["text"] for r in part] for name, part in preprocess.split_rows(rows, cfg).items()}
+    return {name: [r["fields"]["text"] for r in part] for name, part in preprocess.split_rows(rows, cfg).items()}
 
 
 def test_splits_are_disjoint_complete_and_reproducible():
@@ -158,7 +158,7 @@ def test_empty_and_duplicate_texts_are_dropped_and_counted():
     df.loc[12, "text"] = df.loc[20, "text"]
     rows, _, dropped = preprocess.prepare_rows(df, params().preprocess)
     assert dropped == {"empty_text": 2, "empty_response": 0, "unknown_label": 0, "duplicate_text": 2}
-    assert len(rows) == 26 and len({r["text"].strip() for r in rows}) == 26
+    assert len(rows) == 26 and len({r["fields"]["text"].strip() for r in rows}) == 26
 
 
 def test_response_field_gives_the_target_and_empty_responses_are_dropped(tok):
