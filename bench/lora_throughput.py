@@ -57,6 +57,7 @@ def presets(steps: int) -> dict[str, list[dict]]:
             _cfg("1b-fast-b16", "llama-1b", "dense", "fast", 16, s, parity_with="1b-base-b16"),
             _cfg("1b-fast-b8", "llama-1b", "dense", "fast", 8, s),
             _cfg("8b-fast-b4-profile", "llama-8b", "dense", "fast", 4, 10, profile=True),
+            _cfg("1b-fast-b12", "llama-1b", "dense", "fast", 12, s),
         ],
         "sft": [
             _cfg("1b-sft-base-b16", "llama-1b", "sft", "baseline", 16, s),
@@ -70,6 +71,7 @@ def presets(steps: int) -> dict[str, list[dict]]:
             _cfg("1b-fast-b16-noliger", "llama-1b", "dense", "fast", 16, s, liger=False),
             _cfg("1b-fast-b16-nopack", "llama-1b", "dense", "fast", 16, s, packing=False),
             _cfg("1b-fast-b16-cast", "llama-1b", "dense", "fast", 16, s, adapter_input_cast=True),
+            _cfg("1b-fast-b16-unfused", "llama-1b", "dense", "fast", 16, s, fused_lora=False),
             _cfg("1b-fast-b16-compile", "llama-1b", "dense", "fast", 16, s, compile=True),
             _cfg("1b-fast-b16-profile", "llama-1b", "dense", "fast", 16, 10, profile=True),
         ],

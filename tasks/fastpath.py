@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 
 ATTN_NAME = "peftflow_varlen"  # the attention implementation registered with transformers
 IGNORE_INDEX = -100
+# torch 2.11's varlen_attn has no `enable_gqa`, but its flash kernel takes fewer KV heads as they
+# are (flash-attn's GQA); tests/gpu/test_fastpath.py checks this against per-document SDPA.
+# False = repeat the KV heads first (a copy per layer).
+_NATIVE_GQA = True
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class FastPathOptions:
     packing: bool = True  # padding-free batches + per-document varlen attention (causal LMs)
     liger: bool = True  # Liger kernels: RMSNorm, RoPE, SwiGLU, fused linear cross-entropy
     adapter_input_cast: bool = False  # peft's fp32 upcast of LoRA inputs (off = keep bf16 activations)
+    fused_lora: bool = True  # LoRA update as one addmm into the base output (no scale/add passes)
     fused_adamw: bool = True  # optim="adamw_torch_fused"
     compile: bool = False  # TrainingArguments(torch_compile=True); see docs/benchmarks.md
     allow_cpu: bool = False  # tests only: run the packing path on CPU (per-document SDPA loop)
@@ -156,7 +161,7 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
         extra: dict[str, Any] = {}
         if "enable_gqa" in params:
             extra["enable_gqa"] = q.shape[1] != k.shape[1]
-        elif q.shape[1] != k.shape[1]:  # older torch: the varlen kernel wants equal head counts
+        elif q.shape[1] != k.shape[1] and not _NATIVE_GQA:  # older torch without enable_gqa
             n_rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1)
         if "scale" in params:
@@ -168,7 +173,15 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
         else:
             extra["window_size"] = (-1, 0)
         m = int(kwargs["max_length_q"])
-        out = fn(q, k, v, cu, cu, m, m, **extra)
+        try:
+            out = fn(q, k, v, cu, cu, m, m, **extra)
+        except RuntimeError:
+            if q.shape[1] == k.shape[1] or "enable_gqa" in params:
+                raise
+            global _NATIVE_GQA
+            _NATIVE_GQA = False  # this build refuses unequal head counts: repeat KV heads from now on
+            n_rep = q.shape[1] // k.shape[1]
+            out = fn(q, k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1), cu, cu, m, m, **extra)
     return out.unsqueeze(0), None
 
 
@@ -230,6 +243,41 @@ def _keep_adapter_input_dtype(model) -> int:
     return n
 
 
+def _fused_lora_forward(self, x, *args, **kwargs):
+    """peft LoRA Linear forward with `base(x) + scale * B(A(x))` done as one addmm.
+
+    peft computes B(A(x)), multiplies by the scale and adds it to the base output: two extra
+    full-size elementwise passes over the layer output forward and more backward. addmm(base,
+    A(x), B^T, alpha=scale) accumulates in the GEMM epilogue instead. Anything unusual (several
+    or disabled adapters, merged weights, variants such as DoRA, a LoRA bias, extra args) goes
+    to peft's own forward.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    active = self.active_adapters
+    name = active[0] if len(active) == 1 else None
+    if (args or kwargs or name is None or self.disable_adapters or self.merged or name not in self.lora_A
+            or name in self.lora_variant or self.lora_B[name].bias is not None):
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x)
+    h = F.linear(self.lora_dropout[name](x), self.lora_A[name].weight)
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]),
+                      self.lora_B[name].weight.t(), alpha=self.scaling[name])
+    return out.view(result.shape)
+
+
+def _fuse_lora(model) -> int:
+    import types
+
+    n = 0
+    for module in model.modules():
+        if type(module).__name__ == "Linear" and hasattr(module, "lora_A") and hasattr(module, "base_layer"):
+            module.forward = types.MethodType(_fused_lora_forward, module)
+            n += 1
+    return n
+
+
 def prepare(model, collator, train_cfg, options: FastPathOptions | None = None):
     """Patch `model` for fast LoRA training; return (model, collator, trainer_kwargs).
 
@@ -257,6 +305,8 @@ def prepare(model, collator, train_cfg, options: FastPathOptions | None = None):
         applied.append("liger")
     if not options.adapter_input_cast and _keep_adapter_input_dtype(model):
         applied.append("bf16_adapter_inputs")
+    if options.fused_lora and _fuse_lora(model):
+        applied.append("fused_lora")
     if options.fused_adamw and torch.cuda.is_available():
         trainer_kwargs["optim"] = "adamw_torch_fused"
         applied.append("fused_adamw")
