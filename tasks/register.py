@@ -1,0 +1,325 @@
+"""Stage `register`: log the pipeline run to MLflow, register the adapter, apply the promotion gate.
+
+Reads: models/adapter/, reports/{ingest,train,evaluate,preprocess}.json (+ everything
+tasks.tracking.log_pipeline logs), `register:` and `model:` params.
+Writes: one MLflow run (reused on re-runs), one model version of `register.model_name` holding
+the adapter only (the base is referenced by path + spec + weights sha256 in the model config and
+tags, never copied), aliases `challenger` (the new version) and `champion` (when the gate passes),
+reports/register.json.
+Raises: PeftflowError subclasses for missing stage outputs, an adapter changed since training,
+an unreachable tracking store, or stored adapter bytes that differ from the trained ones.
+
+Idempotency: the pipeline run's token is sha256(params file, data md5, adapter weights). A
+version carrying the token in tag `peftflow.run_token` (set atomically at creation) is reused, so
+a retry or a re-run never creates a second version; if a race still creates two, the higher one
+is deleted. The run is found by the same token (or taken from $PEFTFLOW_MLFLOW_RUN_ID, which a
+flow sets). A version whose gate decision is recorded is never re-gated: a re-run does not undo
+a later manual alias move.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tasks import atomic, gate, layout, models, promote, tracking
+from tasks.config import Params
+from tasks.errors import ModelError, PeftflowError
+
+TAG_TOKEN = "peftflow.run_token"
+TAG_GATE = "peftflow.gate.promote"  # "true" / "false" / "skipped": its presence = registration complete
+TAG_GATE_REASON = "peftflow.gate.reason"
+MODEL_ARTIFACT = "registered_model"  # where the pyfunc model folder goes inside the run
+MODEL_CODE = Path(__file__).with_name("adapter_pyfunc.py")
+REQUIREMENTS = ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "mlflow", "pandas")
+
+
+@dataclass(frozen=True)
+class RegisterResult:
+    run_id: str
+    model_name: str
+    version: str
+    token: str
+    adapter_sha256: str
+    created: bool  # False when this pipeline run's version already existed
+    promoted: bool | None  # None when the gate did not run now (disabled, or decided before)
+    reason: str
+    champion: str | None
+
+
+def pipeline_token(params_sha256: str, data_md5: str, adapter_sha256: str) -> str:
+    return hashlib.sha256(f"{params_sha256}\n{data_md5}\n{adapter_sha256}".encode()).hexdigest()
+
+
+def _require(params: Params, stage: str) -> dict:
+    report = tracking.read_report(params, stage)
+    if report is None:
+        raise PeftflowError(f"{layout.report(stage)} is missing; run `python -m tasks {stage}` first")
+    return report
+
+
+def adapter_digest(params: Params, train: dict) -> str:
+    """weights_sha256 of models/adapter/, checked against what the train stage recorded."""
+    folder = Path(params.root) / layout.ADAPTER
+    if not (folder / "adapter_config.json").is_file():
+        raise ModelError(f"{folder}/adapter_config.json is missing; run `python -m tasks train` first")
+    digest = models.weights_sha256(folder)
+    recorded = train.get("adapter_sha256")
+    # train.json may hash the folder (weights_sha256) or the single adapter weights file.
+    single = folder / "adapter_model.safetensors"
+    if recorded and recorded != digest and not (single.is_file() and recorded == models.file_sha256(single)):
+        raise ModelError(f"{folder} changed since training (sha256 {digest}, reports/train.json says {recorded}); "
+                         f"re-run `python -m tasks train`")
+    return digest
+
+
+def find_version(client, name: str, token: str) -> list[str]:
+    """Versions of `name` tagged with `token`, lowest first."""
+    found = client.search_model_versions(f"name='{name}' and tags.`{TAG_TOKEN}` = '{token}'")
+    return sorted((str(v.version) for v in found), key=int)
+
+
+def _pip_requirements() -> list[str]:
+    reqs = []
+    for lib in REQUIREMENTS:
+        try:
+            reqs.append(f"{lib}=={importlib.metadata.version(lib).split('+')[0]}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return reqs
+
+
+def _model_config(params: Params, base: models.BaseModel) -> dict:
+    classification = params.preprocess.format == "classification"
+    label_names = (tracking.read_report(params, "preprocess") or {}).get("label_names") or []
+    if classification and not label_names:
+        raise PeftflowError(f"{layout.report('preprocess')} has no label_names; run `python -m tasks preprocess`")
+    return {
+        "base_spec": base.spec, "base_path": base.path, "base_revision": base.revision or "",
+        "base_weights_sha256": base.weights_sha256,
+        "task": "classification" if classification else "causal-lm", "label_names": list(label_names),
+        "max_new_tokens": params.evaluate.max_new_tokens, "chat_template": params.preprocess.chat_template,
+        "system_prompt": params.preprocess.system_prompt or "",
+    }
+
+
+def _signature(params: Params):
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]),
+                          params=ParamSchema([ParamSpec("max_new_tokens", "long", params.evaluate.max_new_tokens)]))
+
+
+def _version_tags(params: Params, token: str, adapter_sha: str, lineage: dict, evaluation: dict) -> dict[str, str]:
+    tags = {TAG_TOKEN: token, "adapter.sha256": adapter_sha}
+    for key in ("base.spec", "base.revision", "base.weights_sha256", "data.md5", "data.source", "params.sha256",
+                "git.commit", "git.dirty", "train.device", "train.tokens_trained"):
+        if lineage.get(key):
+            tags[key] = lineage[key]
+    for section in ("base", "adapter", "lift"):
+        for k, v in tracking.numeric_leaves(evaluation.get(section) or {}, "").items():
+            tags[f"metric.{section}.{k}"] = repr(v)
+    return tags
+
+
+def _version_metrics(version, section: str = "adapter") -> dict[str, float]:
+    prefix = f"metric.{section}."
+    return {k[len(prefix):]: float(v) for k, v in version.tags.items() if k.startswith(prefix)}
+
+
+def artifact_adapter_dir(model_dir: Path) -> Path:
+    """The adapter folder inside a downloaded model version (per its MLmodel file)."""
+    import yaml
+
+    flavor = yaml.safe_load((Path(model_dir) / "MLmodel").read_text())["flavors"]["python_function"]
+    return Path(model_dir) / flavor["artifacts"]["adapter"]["path"]
+
+
+def model_config_of(model_dir: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load((Path(model_dir) / "MLmodel").read_text())["flavors"]["python_function"]["config"]
+
+
+def _create_version(client, params: Params, run_id: str, name: str, tags: dict, description: str) -> str:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    base = models.resolve(params.model)
+    adapter = Path(params.root) / layout.ADAPTER
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / MODEL_ARTIFACT
+        mlflow.pyfunc.save_model(
+            str(model_dir), python_model=str(MODEL_CODE), artifacts={"adapter": str(adapter)},
+            model_config=_model_config(params, base), signature=_signature(params),
+            pip_requirements=_pip_requirements(), metadata={"peftflow.run_token": tags[TAG_TOKEN]},
+        )
+        client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT)
+    try:
+        client.create_registered_model(name, description="PEFT adapters trained by peftflow (adapter only; "
+                                       "the base model is referenced by path and weights sha256).")
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    source = f"{client.get_run(run_id).info.artifact_uri}/{MODEL_ARTIFACT}"
+    return str(client.create_model_version(name, source, run_id=run_id, tags=tags, description=description).version)
+
+
+def _verify_stored(params: Params, name: str, version: str, adapter_sha: str) -> None:
+    """Download the version and check its adapter bytes hash to what was trained."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = download_model(f"models:/{name}/{version}", params, Path(tmp))
+        stored = models.weights_sha256(artifact_adapter_dir(local))
+    if stored != adapter_sha:
+        raise ModelError(f"model version {name}/{version} holds adapter weights sha256 {stored}, "
+                         f"expected {adapter_sha}; the version was deleted, re-run `python -m tasks register`")
+
+
+def _gate(client, params: Params, name: str, version: str, evaluation: dict) -> tuple[bool, str, str | None]:
+    """Apply the promotion gate to `version`; returns (promoted, reason, champion after)."""
+    cfg = params.register
+    current = promote.alias_version(client, name, promote.CHAMPION)
+    champion = _version_metrics(client.get_model_version(name, current)) if current else None
+    decision = gate.decide(evaluation.get("adapter") or {}, champion, evaluation.get("base") or {},
+                           cfg.primary_metric, cfg.min_delta, dict(cfg.guards))
+    reason = f"vs champion v{current}: {decision.reason}" if current else f"no champion yet: {decision.reason}"
+    promoted, after = False, current
+    if decision.promote:
+        move = promote.move_champion(client, name, version, current, reason)
+        promoted, after = move.moved, move.champion
+        if not move.moved:
+            reason += f"; not applied: {move.note}"
+    return promoted, reason, after
+
+
+def run(params: Params, run_id: str | None = None) -> RegisterResult:
+    """Log, register (idempotently), set `challenger`, gate `champion`; see the module docstring."""
+    os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    from mlflow.entities import Metric, RunTag
+
+    cfg = params.register
+    ingest, train, evaluation = _require(params, "ingest"), _require(params, "train"), _require(params, "evaluate")
+    if not ingest.get("md5"):
+        raise PeftflowError(f"{layout.report('ingest')} has no md5; re-run `python -m tasks ingest`")
+    adapter_sha = adapter_digest(params, train)
+    token = pipeline_token(params.sha256, ingest["md5"], adapter_sha)
+
+    tracking.check_reachable(params)
+    client = tracking.client(params)
+    tracking.mark_stale_runs(params, client)
+    run_id = run_id or os.environ.get(tracking.ENV_RUN_ID) or tracking.find_run(params, TAG_TOKEN, token)
+    owns_run = run_id is None or client.get_run(run_id).info.status != "RUNNING"
+    if run_id is None:
+        run_id = tracking.start_run(params, run_name=f"peftflow-{token[:8]}", tags={TAG_TOKEN: token})
+    elif owns_run:
+        tracking.adopt_run(params, run_id)  # a re-run resuming a finished/failed run of the same pipeline
+    try:
+        client.set_tag(run_id, TAG_TOKEN, token)
+        tracking.log_pipeline(run_id, params)
+        lineage = client.get_run(run_id).data.tags
+
+        existing = find_version(client, cfg.model_name, token)
+        created = not existing
+        if created:
+            description = (f"Adapter on {lineage.get('base.spec')} (weights sha256 {lineage.get('base.weights_sha256')}); "
+                           f"data {lineage.get('data.source')} md5 {lineage.get('data.md5')}; "
+                           f"{cfg.primary_metric}: adapter {evaluation.get('adapter', {}).get(cfg.primary_metric)}, "
+                           f"base {evaluation.get('base', {}).get(cfg.primary_metric)}")
+            ours = _create_version(client, params, run_id, cfg.model_name,
+                                   _version_tags(params, token, adapter_sha, lineage, evaluation), description)
+            # A retried request or a concurrent twin may have created another version with our token:
+            # keep the lowest, delete the others.
+            versions = find_version(client, cfg.model_name, token)
+            for extra in versions[1:]:
+                client.delete_model_version(cfg.model_name, extra)
+            version = versions[0] if versions else ours
+            if version == ours:
+                try:
+                    _verify_stored(params, cfg.model_name, version, adapter_sha)
+                except ModelError:
+                    client.delete_model_version(cfg.model_name, version)
+                    raise
+        else:
+            version = existing[0]
+
+        mv = client.get_model_version(cfg.model_name, version)
+        promoted: bool | None = None
+        if TAG_GATE in mv.tags:  # registration of this version completed before: keep its decision
+            reason = mv.tags.get(TAG_GATE_REASON, "")
+        else:
+            client.set_registered_model_alias(cfg.model_name, promote.CHALLENGER, version)
+            if cfg.promote:
+                promoted, reason, _ = _gate(client, params, cfg.model_name, version, evaluation)
+            else:
+                reason = "gate disabled (register.promote: false)"
+            client.set_model_version_tag(cfg.model_name, version, TAG_GATE_REASON, reason[:5000])
+            client.set_model_version_tag(cfg.model_name, version, TAG_GATE,
+                                         "skipped" if promoted is None else str(promoted).lower())
+        champion = promote.alias_version(client, cfg.model_name, promote.CHAMPION)
+        client.log_batch(run_id, metrics=[Metric("gate_promoted", float(bool(promoted)), tracking.now_ms(), 0)]
+                         if promoted is not None else [],
+                         tags=[RunTag("registered.model", cfg.model_name), RunTag("registered.version", version),
+                               RunTag("gate.reason", reason[:5000])])
+        result = RegisterResult(run_id, cfg.model_name, version, token, adapter_sha, created, promoted, reason, champion)
+        report = Path(params.root) / layout.report("register")
+        atomic.write_json(report, asdict(result))
+        client.log_artifact(run_id, str(report), "reports")
+    except BaseException:
+        if owns_run:
+            tracking.finish_run(params, run_id, "FAILED")
+        raise
+    if owns_run:
+        tracking.finish_run(params, run_id, "FINISHED")
+    return result
+
+
+def download_model(model_uri: str, params: Params, dst: Path) -> Path:
+    """Download `models:/<name>/<version>` or `models:/<name>@<alias>` from this project's registry.
+
+    Resolved through an explicit client: MLflow's own `models:/` resolution uses the process-global
+    registry URI, which may point at another store.
+    """
+    import mlflow
+
+    spec = model_uri.removeprefix("models:/")
+    c = tracking.client(params)
+    if "@" in spec:
+        name, alias = spec.split("@", 1)
+        version = str(c.get_model_version_by_alias(name, alias).version)
+    else:
+        name, version = spec.rsplit("/", 1)
+    source = c.get_model_version_download_uri(name, version)
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst),
+                                                    tracking_uri=tracking.tracking_uri(params)))
+
+
+def download_adapter(model_uri: str, params: Params, dst: Path) -> tuple[Path, dict]:
+    """Download a registered model (e.g. `models:/name@champion`); return (adapter folder, model config)."""
+    local = download_model(model_uri, params, dst)
+    return artifact_adapter_dir(local), model_config_of(local)
+
+
+def load_peft(model_uri: str, params: Params, dst: Path):
+    """The PEFT route: base model (hash-checked) + PeftModel.from_pretrained on the downloaded adapter.
+
+    Returns (PeftModel in eval mode, fp32, tokenizer). Raises ModelError when the local base
+    model's weights differ from the ones the adapter was trained on.
+    """
+    from peft import PeftModel
+
+    adapter, config = download_adapter(model_uri, params, dst)
+    base = models.BaseModel(config["base_spec"], config["base_path"], config["base_revision"] or None,
+                            config["base_weights_sha256"], is_encoder=False)
+    if models.weights_sha256(Path(base.path)) != base.weights_sha256:
+        raise ModelError(f"base model {base.path} differs from the one {model_uri} was trained on "
+                         f"(weights sha256 {base.weights_sha256})")
+    labels = config["label_names"] if config["task"] == "classification" else None
+    model = models.load_model(base, classification_labels=len(labels) if labels else None)
+    from transformers import AutoTokenizer
+
+    return PeftModel.from_pretrained(model, adapter).eval(), AutoTokenizer.from_pretrained(adapter)
