@@ -37,7 +37,7 @@ IGNORE_INDEX = -100
 # torch 2.11's varlen_attn has no `enable_gqa`, but its flash kernel takes fewer KV heads as they
 # are (flash-attn's GQA); tests/gpu/test_fastpath.py checks this against per-document SDPA.
 # False = repeat the KV heads first (a copy per layer).
-_NATIVE_GQA = True
+_NATIVE_GQA_STATE = [True]
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,7 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
         extra: dict[str, Any] = {}
         if "enable_gqa" in params:
             extra["enable_gqa"] = q.shape[1] != k.shape[1]
-        elif q.shape[1] != k.shape[1] and not _NATIVE_GQA:  # older torch without enable_gqa
+        elif q.shape[1] != k.shape[1] and not _NATIVE_GQA_STATE[0]:  # older torch without enable_gqa
             n_rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1)
         if "scale" in params:
@@ -178,8 +178,7 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
         except RuntimeError:
             if q.shape[1] == k.shape[1] or "enable_gqa" in params:
                 raise
-            global _NATIVE_GQA
-            _NATIVE_GQA = False  # this build refuses unequal head counts: repeat KV heads from now on
+            _NATIVE_GQA_STATE[0] = False  # this build refuses unequal head counts: repeat KV heads from now on
             n_rep = q.shape[1] // k.shape[1]
             out = fn(q, k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1), cu, cu, m, m, **extra)
     return out.unsqueeze(0), None
