@@ -69,12 +69,14 @@ def test_truncation_keeps_response_and_cuts_prompt_middle(tok):
 
 
 def test_processed_rows_have_the_documented_columns(tok):
-    cfg = params().preprocess
+    cfg = params(max_length=48).preprocess  # some rows truncated
     rows, names, _ = preprocess.prepare_rows(reviews(), cfg)
     cols = preprocess.encode_rows(tok, cfg, rows)
-    assert names == ["negative", "positive"]
-    for ids, labels, label, target in zip(cols["input_ids"], cols["labels"], cols["label"], cols["target"]):
+    assert names == ["negative", "positive"] and any(cols["truncated"])
+    for ids, labels, label, prompt, target in zip(cols["input_ids"], cols["labels"], cols["label"], cols["prompt"],
+                                                  cols["target"]):
         assert target == names[label]
+        assert (ids, labels) == preprocess.encode_pair(tok, prompt, target, cfg.max_length)  # evaluation reuses it
         response = [i for i, lab in zip(ids, labels) if lab != IGNORE]
         assert tok.decode(response) == target + "<|im_end|>"
 
