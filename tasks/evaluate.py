@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from tasks import atomic, layout, metrics, models
+from tasks.adapters import attach_adapter, check_adapter
 from tasks.config import Params
-from tasks.errors import DataError, ModelError
+from tasks.errors import DataError
 
 METRICS = ("accuracy", "f1_macro", "loss", "perplexity", "exact_match")
 
@@ -47,7 +48,7 @@ class EvaluateResult:
     report: str
 
 
-# ---------------------------------------------------------------- inputs shared with `merge`
+# ---------------------------------------------------------------- inputs
 
 
 def read_label_names(params: Params) -> list[str]:
@@ -97,48 +98,6 @@ def device_and_dtype():
     if torch.cuda.is_available():
         return torch.device("cuda"), torch.bfloat16
     return torch.device("cpu"), torch.float32
-
-
-def _same_base(named: str, base: models.BaseModel) -> bool:
-    # Paths differ between machines (cache folders), so a matching folder name also counts.
-    return named in {base.spec, base.path} or Path(named).name == Path(base.path).name
-
-
-def check_adapter(adapter_dir: Path, base: models.BaseModel):
-    """The adapter's PeftConfig, after checking the folder is complete and made for `base`."""
-    from peft import PeftConfig
-
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise ModelError(f"{adapter_dir}/adapter_config.json not found; run `python -m tasks train` first")
-    if not list(adapter_dir.glob("*.safetensors")):
-        raise ModelError(f"{adapter_dir} has no *.safetensors weights (only safetensors are loaded); re-run train")
-    try:
-        config = PeftConfig.from_pretrained(str(adapter_dir))
-    except (OSError, ValueError, TypeError) as err:
-        raise ModelError(f"{adapter_dir}/adapter_config.json is not a valid PEFT config: {err}") from None
-    named = config.base_model_name_or_path
-    if named and not _same_base(named, base):
-        raise ModelError(
-            f"{adapter_dir} was trained on base '{named}', but model.base is '{base.spec}' ({base.path}); "
-            f"set model.base to the adapter's base or re-run train"
-        )
-    return config
-
-
-def attach_adapter(model, adapter_dir: Path, base: models.BaseModel):
-    """Load the adapter on top of `model` (in place) and return the PeftModel in eval mode."""
-    from peft import PeftModel
-
-    check_adapter(adapter_dir, base)
-    try:
-        peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
-    except (RuntimeError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()
-        detail = " ".join(first[:2])[:400]
-        raise ModelError(
-            f"{adapter_dir} does not fit model.base '{base.spec}' (an adapter for a different base?): {detail}"
-        ) from None
-    return peft_model.eval()
 
 
 # ---------------------------------------------------------------- batched scoring

@@ -9,7 +9,7 @@ merged model that already contains this adapter; merged logits differ from base 
 than `merge.tolerance` (then nothing is left under `models/merged/`).
 
 Steps: check every adapter tensor is finite; load the base in fp32 on CPU; load the adapter; take
-reference logits on `parity_samples` held-out test rows; `merge_and_unload(safe_merge=True)`;
+reference logits on the first `parity_samples` held-out test rows; `merge_and_unload(safe_merge=True)`;
 take merged logits (fp32, before any cast) and record `max_abs_logit_diff`; cast to `merge.dtype`
 (`auto` = the base's saved dtype); save; reload the saved folder and check every weight came back
 unchanged (catches weights saved under wrong names, which would load as fresh random weights).
@@ -26,7 +26,6 @@ same adapter twice would apply its update twice.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from pathlib import Path
 from tasks import atomic, layout, models
 from tasks.config import Params
 from tasks.errors import ModelError
-from tasks.evaluate import attach_adapter, check_adapter, load_test_split, read_label_names, select_rows
+from tasks.adapters import adapter_sha256, attach_adapter, check_adapter, check_finite
 
 MARKER = "MERGE.json"
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -52,30 +51,6 @@ class MergeResult:
     report: str
 
 
-def adapter_sha256(adapter_dir: Path) -> str:
-    """Identity of an adapter: its weights and its config (scaling lives in the config)."""
-    config = (adapter_dir / "adapter_config.json").read_bytes()
-    text = f"weights:{models.weights_sha256(adapter_dir)}\nconfig:{hashlib.sha256(config).hexdigest()}\n"
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def check_finite(adapter_dir: Path) -> None:
-    """Raise ModelError naming the first adapter tensor that holds NaN or inf."""
-    import torch
-    from safetensors import safe_open
-
-    for path in sorted(adapter_dir.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                t = f.get_tensor(key)
-                bad = int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
-                if bad:
-                    raise ModelError(
-                        f"{path}: tensor '{key}' has {bad} non-finite (NaN/inf) values; the adapter is broken "
-                        f"(training diverged?). Re-train it, e.g. with a lower train.learning_rate"
-                    )
-
-
 def target_dtype(params: Params, base: models.BaseModel) -> str:
     """torch dtype name to save in: merge.dtype, or for `auto` the dtype the base was saved in."""
     if params.merge.dtype != "auto":
@@ -86,6 +61,33 @@ def target_dtype(params: Params, base: models.BaseModel) -> str:
         return "float32"
     name = str(config.get("dtype") or config.get("torch_dtype") or "float32")
     return name if name in DTYPES.values() else "float32"
+
+
+def _label_names(params: Params) -> list[str]:
+    path = params.root / layout.report("preprocess")
+    try:
+        names = json.loads(path.read_text())["label_names"]
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelError(f"{path} with label_names is needed to merge a classification adapter ({err}); "
+                         "run `python -m tasks preprocess` first") from None
+    if len(names) < 2:
+        raise ModelError(f"{path} lists {len(names)} label names; a classification adapter needs at least two")
+    return list(names)
+
+
+def _parity_rows(params: Params) -> list[list[int]]:
+    """input_ids of the first `merge.parity_samples` test rows (held out from training)."""
+    from datasets import load_from_disk
+
+    path = params.root / layout.PROCESSED
+    try:
+        test = load_from_disk(str(path))["test"]
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelError(f"cannot read the test split of {path} for the parity check ({err}); "
+                         "run `python -m tasks preprocess` first") from None
+    if len(test) == 0:
+        raise ModelError(f"{path}/test is empty; the parity check needs held-out rows")
+    return [list(x) for x in test.select(range(min(params.merge.parity_samples, len(test))))["input_ids"]]
 
 
 def _refuse_merged_base(base: models.BaseModel, adapter_dir: Path) -> None:
@@ -180,12 +182,11 @@ def run(params: Params) -> MergeResult:
                            str(report_path))
 
     check_finite(adapter_dir)
-    classification = params.preprocess.format == "classification"
-    label_names = read_label_names(params) if classification else []
+    # The adapter says whether it sits on a class head: merge then needs neither preprocess nor evaluate params.
+    classification = str(getattr(peft_config.task_type, "value", peft_config.task_type)) == "SEQ_CLS"
+    label_names = _label_names(params) if classification else []
     n_labels = len(label_names) if classification else None
-    test = load_test_split(params)
-    picked = select_rows(len(test), params.merge.parity_samples, params.preprocess.split.seed)
-    rows = [list(x) for x in test.select(picked)["input_ids"]]
+    rows = _parity_rows(params)
     tokenizer = models.load_tokenizer(base, trust_remote_code=params.model.trust_remote_code)
 
     # fp32 on CPU: a bf16 merge loses updates smaller than bf16 rounding of W (stack-facts.md).

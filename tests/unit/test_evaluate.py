@@ -150,3 +150,18 @@ def test_select_rows_is_deterministic():
     assert evaluate.select_rows(5, 9, 0) == [0, 1, 2, 3, 4]
     picked = evaluate.select_rows(100, 10, 42)
     assert picked == evaluate.select_rows(100, 10, 42) == sorted(set(picked)) and len(picked) == 10
+
+
+def test_classification_head_is_scored_by_argmax(tmp_path: Path):
+    params = prepared_project(tmp_path / "cls", {"preprocess": {"format": "classification"}})
+    make_adapter(params)
+    report = evaluate.run(params)
+    assert report.label_names == ("negative", "positive")
+    for which in (report.base, report.adapter):
+        assert 0.0 <= which["accuracy"] <= 1.0 and which["loss"] > 0 and which["exact_match"] is None
+    assert report.lift["exact_match"] is None
+    assert report.lift["loss"] == report.adapter["loss"] - report.base["loss"] != 0.0
+    with open(params.root / layout.PREDICTIONS, newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == params.evaluate.sample_predictions
+    assert {r["adapter_output"] for r in table} <= {"negative", "positive"}

@@ -32,7 +32,7 @@ def merged_logits(folder: Path, rows: list[list[int]]) -> list[torch.Tensor]:
 
 
 def test_lora_merge_parity_noop_and_refusal(tiny: Params):
-    make_adapter(tiny, scale=0.5)
+    make_adapter(tiny, scale=0.05)
     result = merge.run(tiny)
     report = json.loads((tiny.root / layout.report("merge")).read_text())
     assert result.merged and not result.reused and report["passed"]
@@ -72,7 +72,7 @@ def test_lora_merge_parity_noop_and_refusal(tiny: Params):
 
 
 def test_bf16_target_keeps_fp32_parity(tiny: Params):
-    make_adapter(tiny)
+    make_adapter(tiny, scale=0.05)
     result = merge.run(with_merge(tiny, dtype="bf16"))
     assert result.dtype == "bfloat16" and result.max_abs_logit_diff <= 1e-4
     out = tiny.root / layout.MERGED
@@ -104,7 +104,7 @@ def test_nan_adapter_is_refused(tiny: Params):
 
 
 def test_tolerance_exceeded_fails_and_leaves_nothing(tiny: Params):
-    make_adapter(tiny, scale=2.0)
+    make_adapter(tiny, scale=0.05)
     first = merge.run(tiny)  # a good merge first: the failing run must not leave it behind
     assert first.max_abs_logit_diff > 0.0  # fp32 merge is not bit-exact, so a tiny tolerance is exceeded
     with pytest.raises(ModelError, match="max \\|logit diff\\|.*> merge.tolerance"):
@@ -135,3 +135,13 @@ def test_adapter_for_another_base_is_refused(tiny: Params, tmp_path: Path):
     with pytest.raises(ModelError, match="does not fit model.base 'random:tiny'.*size mismatch"):
         merge.run(tiny)
     assert not (tiny.root / layout.MERGED).exists()
+
+
+def test_classification_merge_keeps_the_trained_head(tmp_path: Path):
+    params = prepared_project(tmp_path / "cls", {"preprocess": {"format": "classification"}})
+    make_adapter(params, scale=0.05)
+    result = merge.run(params)
+    assert result.merged and result.max_abs_logit_diff <= 1e-4
+    config = json.loads((params.root / layout.MERGED / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"]
+    assert config["id2label"] == {"0": "negative", "1": "positive"}
