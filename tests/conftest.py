@@ -44,17 +44,20 @@ def git(root: Path, *args: str) -> str:
 
 
 def make_project(root: Path, overrides: dict | None = None, *, tiny: bool = True) -> Path:
-    """Create a real project at `root`: params.yaml (defaults + TINY + overrides), dvc.yaml if the
-    repo has one, `git init`, `dvc init`, and a local DVC remote at `<root>/.dvc-storage`."""
+    """Create a real project at `root`: params.yaml (defaults + TINY + overrides), dvc.yaml and a
+    copy of tasks/ and flows/ (the stages' code deps), `git init`, `dvc init`, and a local DVC remote at `<root>/.dvc-storage`."""
     root.mkdir(parents=True, exist_ok=True)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     if tiny:
         params = deep_merge(params, TINY)
     params = deep_merge(params, overrides or {})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # A test project is a clone of this repo: dvc.yaml names the code files as stage deps.
     for name in ("dvc.yaml", ".gitignore"):
         if (REPO / name).exists():
             shutil.copy(REPO / name, root / name)
+    for package in ("tasks", "flows"):
+        shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
     git(root, "init", "-q")
     git(root, "config", "user.email", "test@peftflow.local")
     git(root, "config", "user.name", "peftflow test")
