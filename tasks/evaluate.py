@@ -256,7 +256,7 @@ def build_eval_set(params: Params, tokenizer, label_names: list[str]) -> EvalSet
         n_gen = min(len(rows), max(cfg.generation_samples, cfg.sample_predictions))
         es.gen_prompts = [_prompt_ids(encode_pair, tokenizer, es.prompts[k], es.targets[k], params.preprocess.max_length)
                           for k in range(n_gen)]
-        if label_names:
+        if label_names and params.preprocess.format == "instruction":  # label names are responses only there
             es.label_pairs = [[tuple(map(list, encode_pair(tokenizer, p, name, params.preprocess.max_length)))
                                for name in label_names] for p in es.prompts]
     return es

@@ -165,3 +165,13 @@ def test_classification_head_is_scored_by_argmax(tmp_path: Path):
         table = list(csv.DictReader(f))
     assert len(table) == params.evaluate.sample_predictions
     assert {r["adapter_output"] for r in table} <= {"negative", "positive"}
+
+
+def test_text_format_has_loss_but_no_label_metrics(tmp_path: Path):
+    params = prepared_project(tmp_path / "text", {"preprocess": {"format": "text"}})
+    make_adapter(params)
+    result = evaluate.run(params)
+    for which in (result.base, result.adapter, result.lift):
+        assert which["accuracy"] is None and which["f1_macro"] is None and which["exact_match"] is None
+    assert result.base["loss"] > 0 and result.lift["loss"] == result.adapter["loss"] - result.base["loss"]
+    assert (params.root / layout.CONFUSION_MATRIX).read_bytes()[:4] == b"\x89PNG"  # placeholder, dvc.yaml names it
