@@ -58,6 +58,7 @@ def presets(steps: int) -> dict[str, list[dict]]:
             _cfg("1b-fast-b8", "llama-1b", "dense", "fast", 8, s),
             _cfg("8b-fast-b4-profile", "llama-8b", "dense", "fast", 4, 10, profile=True),
             _cfg("1b-fast-b12", "llama-1b", "dense", "fast", 12, s),
+            _cfg("1b-fast-b14", "llama-1b", "dense", "fast", 14, s),
         ],
         "sft": [
             _cfg("1b-sft-base-b16", "llama-1b", "sft", "baseline", 16, s),
