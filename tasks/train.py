@@ -235,6 +235,11 @@ def _peak_memory(device: str) -> tuple[int, str]:
 
 def run(params: Params) -> TrainResult:
     """Train (or resume, or skip) the adapter; see the module docstring for reads/writes/raises."""
+    return fit(params)[0]
+
+
+def fit(params: Params):
+    """`run`, also returning the trained PeftModel in memory (None when skipped), for checks."""
     cfg, root = params.train, params.root
     device = resolve_device(cfg)
     check_quantization(cfg, device)  # before any model or data is touched
@@ -255,7 +260,7 @@ def run(params: Params) -> TrainResult:
     done = _finished(params, fp)
     if done is not None:
         return TrainResult(str(root / layout.ADAPTER), fp, done["steps"], done["final_loss"], done["tokens_trained"],
-                           0.0, done["adapter_sha256"], None, skipped=True)
+                           0.0, done["adapter_sha256"], None, skipped=True), None
 
     import peft
     import torch
@@ -387,4 +392,4 @@ def run(params: Params) -> TrainResult:
     }
     atomic.write_json(root / layout.report("train"), report)  # last: it marks the run as finished
     return TrainResult(str(adapter), fp, report["steps"], final_loss, tokens, wall, digest,
-                       report["resumed_from_step"], skipped=False)
+                       report["resumed_from_step"], skipped=False), model

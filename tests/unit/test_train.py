@@ -107,3 +107,75 @@ def test_loss_falls_and_outputs_are_complete(tmp_path):
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= names
     assert not any(n.endswith((".bin", ".pt", ".pth", ".pkl")) for n in names)
     assert (root / layout.LOSS_CURVE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_same_params_give_byte_identical_adapter_and_finished_run_is_skipped(tmp_path):
+    overrides = {"max_steps": 3, "save_steps": 2, "peft": {"method": "lora", "dropout": 0.1}}
+    a = load_params(tiny_project(tmp_path / "a", overrides))
+    b = load_params(tiny_project(tmp_path / "b", overrides))
+    ra, rb = train.run(a), train.run(b)
+    assert not ra.skipped and ra.fingerprint == rb.fingerprint
+    assert adapter_bytes(a.root) == adapter_bytes(b.root)
+
+    again = train.run(a)
+    assert again.skipped and again.adapter_sha256 == ra.adapter_sha256 and again.steps == 3
+
+
+def test_changed_param_or_tampered_adapter_retrains(tmp_path):
+    params = load_params(tiny_project(tmp_path / "p", {"max_steps": 2}))
+    first = train.run(params)
+    (params.root / layout.ADAPTER / "adapter_config.json").write_text("{}")
+    assert not train.run(params).skipped  # hash mismatch -> trained again (resumed at the final checkpoint)
+
+    changed = load_params(tiny_project(tmp_path / "p", {"max_steps": 2, "learning_rate": 2.0e-3}))
+    second = train.run(changed)
+    assert second.fingerprint != first.fingerprint and second.resumed_from_step is None
+    # the stale run's checkpoints are gone; only the current fingerprint's remain
+    assert [p.name for p in (params.root / layout.CHECKPOINTS).iterdir()] == [second.fingerprint]
+
+
+@pytest.mark.parametrize("lr", [100.0])
+def test_non_finite_loss_stops_with_the_step_and_writes_no_adapter(tmp_path, lr):
+    params = load_params(tiny_project(tmp_path / "p", {"max_steps": 20, "learning_rate": lr, "max_grad_norm": 1.0e9,
+                                                       "save_steps": 100}))
+    with pytest.raises(TrainingError, match=r"non-finite loss .* at step \d+ of 20"):
+        train.run(params)
+    assert not (params.root / layout.ADAPTER).exists()
+    assert not (params.root / layout.report("train")).exists()
+
+
+def test_qlora_on_cpu_fails_before_loading_anything(tmp_path, monkeypatch):
+    params = load_params(tiny_project(tmp_path / "p", {"device": "cpu", "peft": {"quantize_4bit": True}}))
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    monkeypatch.setattr(models, "resolve", no_load)
+    with pytest.raises(ModelError, match=r"quantize_4bit \(QLoRA\) needs a CUDA GPU"):
+        train.run(params)
+
+
+@pytest.mark.parametrize("base", ["random:tiny", "embedded:minilm-l6"])
+def test_classification_head_trains_and_reloads(tmp_path, base):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    params = load_params(tiny_project(tmp_path / "p", {"max_steps": 2}, fmt="classification", base=base))
+    result = train.run(params)
+    report = json.loads((params.root / layout.report("train")).read_text())
+    assert report["task_type"] == "SEQ_CLS" and result.steps == 2
+
+    resolved = models.resolve(params.model)
+    tok = models.load_tokenizer(resolved)
+    model = AutoModelForSequenceClassification.from_pretrained(resolved.path, num_labels=2, dtype=torch.float32)
+    model.config.pad_token_id = tok.pad_token_id
+    model = PeftModel.from_pretrained(model, result.adapter_dir).eval()
+    batch = tok(["a warm, funny film", "dull"], return_tensors="pt", padding=True)
+    logits = model(**batch).logits
+    assert logits.shape == (2, 2) and torch.isfinite(logits).all()
+    # the classifier head is trained and saved with the adapter (modules_to_save), not left random
+    saved = set(__import__("safetensors.torch", fromlist=["load_file"]).load_file(
+        Path(result.adapter_dir) / "adapter_model.safetensors"))
+    assert any("score" in k or "classifier" in k for k in saved), sorted(saved)[:5]
