@@ -95,10 +95,30 @@ def check_reachable(params: Params, timeout_s: float = 20.0) -> str:
             f"project's local sqlite store"
         )
     try:
-        client(params).search_experiments(max_results=1)
+        with _schema_lock(uri):
+            client(params).search_experiments(max_results=1)  # creates/migrates the schema once
     except Exception as err:  # any store failure is a setup problem the user must fix
         raise TrackingError(f"MLflow tracking store {uri} cannot be opened: {type(err).__name__}: {err}") from None
     return uri
+
+
+@contextlib.contextmanager
+def _schema_lock(uri: str) -> Iterator[None]:
+    """Serialise first use of a sqlite store across processes: two processes creating the schema
+    of a fresh database at once make one of them fail mid-migration."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def experiment_id(params: Params, mlflow_client=None) -> str:

@@ -215,13 +215,13 @@ def test_killed_run_marked_on_next_start(tmp_path):
     assert c.get_run(live).info.status == "RUNNING"
 
 
-def test_concurrent_pipelines_get_distinct_versions(tmp_path):
+def test_concurrent_pipelines_get_distinct_versions(tmp_path, monkeypatch):
     store = f"sqlite:///{tmp_path / 'shared.db'}"
     roots = [tmp_path / f"p{i}" for i in range(2)]
     for i, root in enumerate(roots):
         make_trained_project(root, seed=10 + i)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
-    tracking.check_reachable(load_params(roots[0] / "params.yaml"))  # create the schema once
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    env = dict(os.environ)  # both start on a fresh store: the schema creation races too
     procs = [subprocess.Popen([sys.executable, "-m", "tasks", "register", "--params", str(r / "params.yaml")],
                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in roots]
     outs = [p.communicate(timeout=120) for p in procs]

@@ -1,0 +1,121 @@
+"""Tracking + registration + load-back against a real `mlflow server` on 127.0.0.1 (sqlite in tmp)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from adapter_fixture import logits, make_trained_project
+from tasks import register, tracking
+
+pytestmark = pytest.mark.integration
+MLFLOW = Path(sys.executable).with_name("mlflow")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before answering {url}")
+        try:
+            if requests.get(url, timeout=2).ok:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout_s} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a server we started in its own session (its workers included)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One real MLflow tracking + registry + artifact-proxy server for the module."""
+    d = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = open(d / "server.log", "wb")
+    proc = subprocess.Popen(
+        [str(MLFLOW), "server", "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
+         "--artifacts-destination", str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health", proc, 120)
+        yield url
+    finally:
+        stop(proc)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def env(server, tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", server)
+    mp.setenv("PEFTFLOW_CACHE", str(tmp_path_factory.mktemp("cache")))
+    mp.delenv(tracking.ENV_RUN_ID, raising=False)
+    yield server
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def registered(env, tmp_path_factory):
+    root = tmp_path_factory.mktemp("server-proj") / "proj"
+    params, model, tok = make_trained_project(root, seed=21)
+    assert tracking.check_reachable(params) == env
+    return params, model, tok, register.run(params)
+
+
+def test_register_through_server(registered):
+    params, _, _, result = registered
+    assert result.created and result.promoted and result.champion == result.version
+    assert not (params.root / "mlflow.db").exists()  # everything went to the server
+    c = tracking.client(params)
+    run = c.get_run(result.run_id)
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")
+    assert len(c.get_metric_history(result.run_id, "train/loss")) == 4
+    assert run.data.tags["adapter.sha256"] == result.adapter_sha256
+
+
+def test_load_back_through_server_gives_trained_logits(registered, tmp_path):
+    import mlflow
+
+    params, model, tok, _ = registered
+    uri = f"models:/{params.register.model_name}@champion"
+    expected = logits(model, tok)
+    peft_model, peft_tok = register.load_peft(uri, params, tmp_path / "dl")
+    assert (logits(peft_model, peft_tok) - expected).abs().max().item() <= 1e-5
+    loaded = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+    assert (logits(loaded.model, loaded.tokenizer) - expected).abs().max().item() <= 1e-5
+
+
+def test_retry_against_server_creates_nothing_new(registered):
+    params, _, _, result = registered
+    again = register.run(params)
+    assert (again.version, again.run_id, again.created) == (result.version, result.run_id, False)
+    c = tracking.client(params)
+    assert len(c.search_model_versions(f"name='{params.register.model_name}'")) == 1
+    assert len(c.get_metric_history(result.run_id, "train/loss")) == 4
