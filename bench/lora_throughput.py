@@ -61,6 +61,8 @@ def presets(steps: int) -> dict[str, list[dict]]:
             _cfg("1b-fast-b14", "llama-1b", "dense", "fast", 14, s),
         ],
         "sft": [
+            _cfg("1b-sft-base-b8", "llama-1b", "sft", "baseline", 8, s),
+            _cfg("1b-sft-fast-b8", "llama-1b", "sft", "fast", 8, s, parity_with="1b-sft-base-b8"),
             _cfg("1b-sft-base-b16", "llama-1b", "sft", "baseline", 16, s),
             _cfg("1b-sft-fast-b16", "llama-1b", "sft", "fast", 16, s, parity_with="1b-sft-base-b16"),
             _cfg("1b-sft-fast-b32", "llama-1b", "sft", "fast", 32, s),

@@ -50,6 +50,14 @@ def test_packing_collator_boundaries_and_positions():
     assert int((batch["labels"][..., 1:] != -100).sum()) == int((padded["labels"][..., 1:] != -100).sum())
 
 
+def test_equal_lengths_give_a_plain_batch():
+    feats = _features([4, 4, 4])
+    batch = fastpath.PackingCollator()(feats)
+    assert batch["input_ids"].shape == (3, 4) and "cu_seq_lens_q" not in batch
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3]] * 3
+    assert batch["input_ids"][1].tolist() == feats[1]["input_ids"]
+
+
 def test_packing_collator_rejects_bad_rows():
     with pytest.raises(TrainingError, match="labels"):
         fastpath.PackingCollator()([{"input_ids": [1, 2], "labels": [1]}])
@@ -75,6 +83,7 @@ def tiny_lora():
 
 def test_packed_equals_padded_on_tiny(tiny_lora):
     feats = _features([7, 19, 2, 12], seed=1, prompt=2)
+    feats += _features([5, 5], seed=2)  # two equal-length rows in the same padded batch
     padded = _padded(feats, 256)
     with torch.no_grad():
         ref = tiny_lora(**padded)
