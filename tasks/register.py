@@ -63,15 +63,16 @@ def _require(params: Params, stage: str) -> dict:
 
 
 def adapter_digest(params: Params, train: dict) -> str:
-    """weights_sha256 of models/adapter/, checked against what the train stage recorded."""
+    """sha256 of models/adapter/ (every file: weights, config, tokenizer; the train stage's
+    definition), checked against what the train stage recorded."""
+    from tasks.train import adapter_sha256
+
     folder = Path(params.root) / layout.ADAPTER
     if not (folder / "adapter_config.json").is_file():
         raise ModelError(f"{folder}/adapter_config.json is missing; run `python -m tasks train` first")
-    digest = models.weights_sha256(folder)
+    digest = adapter_sha256(folder)
     recorded = train.get("adapter_sha256")
-    # train.json may hash the folder (weights_sha256) or the single adapter weights file.
-    single = folder / "adapter_model.safetensors"
-    if recorded and recorded != digest and not (single.is_file() and recorded == models.file_sha256(single)):
+    if recorded and recorded != digest:
         raise ModelError(f"{folder} changed since training (sha256 {digest}, reports/train.json says {recorded}); "
                          f"re-run `python -m tasks train`")
     return digest
@@ -95,7 +96,8 @@ def _pip_requirements() -> list[str]:
 
 def _model_config(params: Params, base: models.BaseModel) -> dict:
     classification = params.preprocess.format == "classification"
-    label_names = (tracking.read_report(params, "preprocess") or {}).get("label_names") or []
+    label_names = ((tracking.read_report(params, "preprocess") or {}).get("label_names")
+                   or (tracking.read_report(params, "evaluate") or {}).get("label_names") or [])
     if classification and not label_names:
         raise PeftflowError(f"{layout.report('preprocess')} has no label_names; run `python -m tasks preprocess`")
     return {
@@ -171,10 +173,12 @@ def _create_version(client, params: Params, run_id: str, name: str, tags: dict, 
 
 
 def _verify_stored(params: Params, name: str, version: str, adapter_sha: str) -> None:
-    """Download the version and check its adapter bytes hash to what was trained."""
+    """Download the version and check that its adapter folder hashes to what was trained."""
     with tempfile.TemporaryDirectory() as tmp:
+        from tasks.train import adapter_sha256
+
         local = download_model(f"models:/{name}/{version}", params, Path(tmp))
-        stored = models.weights_sha256(artifact_adapter_dir(local))
+        stored = adapter_sha256(artifact_adapter_dir(local))
     if stored != adapter_sha:
         raise ModelError(f"model version {name}/{version} holds adapter weights sha256 {stored}, "
                          f"expected {adapter_sha}; the version was deleted, re-run `python -m tasks register`")

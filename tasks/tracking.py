@@ -274,12 +274,10 @@ def read_train_log(path: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def gpu_hours(train: dict[str, Any]) -> float:
-    """GPU-hours of the train stage: wall time x GPUs, 0 on CPU."""
-    device = str(train.get("device", ""))
-    if not device.startswith("cuda"):
+    """GPU-hours of the train stage (one device per training process): wall hours on CUDA, 0 on CPU."""
+    if not str(train.get("device", "")).startswith("cuda"):
         return 0.0
-    wall = float(train.get("wall_time_s") or train.get("wall_seconds") or 0.0)
-    return wall / 3600.0 * int(train.get("num_gpus") or train.get("world_size") or 1)
+    return float(train.get("wall_seconds") or 0.0) / 3600.0
 
 
 def git_state(root: Path) -> dict[str, str]:
@@ -317,10 +315,12 @@ def lineage_tags(params: Params, flow_run_id: str | None = None) -> dict[str, st
     base = models.resolve(params.model)
     tags.update({"base.spec": base.spec, "base.path": base.path, "base.revision": base.revision or "",
                  "base.weights_sha256": base.weights_sha256})
-    if (root / layout.ADAPTER).is_dir() and any((root / layout.ADAPTER).glob("*.safetensors")):
-        tags["adapter.sha256"] = models.weights_sha256(root / layout.ADAPTER)
+    if (root / layout.ADAPTER / "adapter_config.json").is_file():
+        from tasks.train import adapter_sha256
+
+        tags["adapter.sha256"] = adapter_sha256(root / layout.ADAPTER)
     train = read_report(params, "train") or {}
-    for key in ("device", "tokens_trained", "fingerprint"):
+    for key in ("device", "tokens_trained", "fingerprint", "method"):
         if train.get(key) is not None:
             tags[f"train.{key}"] = str(train[key])
     if train:

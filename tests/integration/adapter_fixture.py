@@ -15,6 +15,7 @@ from conftest import make_project  # noqa: E402
 
 from tasks import atomic, layout, models  # noqa: E402
 from tasks.config import load_params  # noqa: E402
+from tasks.train import adapter_sha256  # noqa: E402
 
 PROMPTS = ["Review: a fine film\nIs this review positive or negative?", "Review: dull\nIs it good?", "hello world"]
 
@@ -60,8 +61,8 @@ def make_trained_project(root: Path, *, seed: int = 1, accuracy: float = 0.7, f1
     atomic.write_json(reports / "ingest.json", {"source": "embedded:rotten_tomatoes", "md5": md5, "rows": 2})
     atomic.write_json(reports / "preprocess.json", {"label_names": ["negative", "positive"]})
     atomic.write_json(reports / "train.json", {
-        "adapter_sha256": models.weights_sha256(adapter), "fingerprint": f"fp-{seed}", "tokens_trained": 4096,
-        "wall_time_s": 12.5, "device": "cpu", "final_loss": 2.25, "steps": 4})
+        "adapter_sha256": adapter_sha256(adapter), "fingerprint": f"fp-{seed}", "tokens_trained": 4096,
+        "wall_seconds": 12.5, "device": "cpu", "final_loss": 2.25, "steps": 4})
     base_metrics = {"accuracy": 0.5, "f1_macro": 0.4}
     adapter_metrics = {"accuracy": accuracy, "f1_macro": f1}
     atomic.write_json(reports / "evaluate.json", {

@@ -18,7 +18,7 @@ import pytest
 from adapter_fixture import PROMPTS, logits, make_project, make_trained_project
 from tasks import promote, register, tracking
 from tasks.config import load_params, parse_params
-from tasks.errors import ConfigError
+from tasks.errors import ConfigError, ModelError
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -133,14 +133,15 @@ def test_gate_champion_rollback_and_manual_moves(tmp_path):
     def retrain(seed: int, accuracy: float, f1: float):
         # a new pipeline run: a new adapter in the same project and store
         from adapter_fixture import build_adapter
-        from tasks import atomic, layout, models
+        from tasks import atomic, layout
+        from tasks.train import adapter_sha256
 
         model, tok = build_adapter(params, seed)
         with atomic.directory(root / layout.ADAPTER) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
         train = tracking.read_report(params, "train")
-        atomic.write_json(root / layout.report("train"), {**train, "adapter_sha256": models.weights_sha256(root / layout.ADAPTER)})
+        atomic.write_json(root / layout.report("train"), {**train, "adapter_sha256": adapter_sha256(root / layout.ADAPTER)})
         ev = tracking.read_report(params, "evaluate")
         atomic.write_json(root / layout.report("evaluate"), {**ev, "adapter": {"accuracy": accuracy, "f1_macro": f1}})
         return register.run(params)
@@ -231,6 +232,13 @@ def test_concurrent_pipelines_get_distinct_versions(tmp_path, monkeypatch):
     versions = MlflowClient(store, store).search_model_versions("name='peftflow-adapter'")
     assert sorted(int(v.version) for v in versions) == [1, 2]
     assert len({v.tags[register.TAG_TOKEN] for v in versions}) == 2
+
+
+def test_adapter_changed_since_training_is_refused(tmp_path):
+    params, _, _ = make_trained_project(tmp_path / "proj", seed=7)
+    (params.root / "models/adapter/adapter_config.json").write_text("{}")
+    with pytest.raises(ModelError, match="changed since training"):
+        register.run(params)
 
 
 def test_unreachable_server_fails_fast(tmp_path, monkeypatch):
