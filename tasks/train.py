@@ -146,7 +146,8 @@ def _trainer_class():
                 raise TrainingError(
                     f"non-finite loss ({loss.float().item()}) at step {self.state.global_step + 1} of "
                     f"{self.args.max_steps} (train.learning_rate = {self.args.learning_rate}); lower the learning "
-                    f"rate or check the data. No adapter was written."
+                    f"rate, or check the data (a batch whose labels are all -100, e.g. responses cut off by "
+                    f"preprocess.max_length, has no loss). No adapter was written."
                 )
             return loss
 
@@ -297,6 +298,11 @@ def fit(params: Params):
         model = peft.get_peft_model(model, peft_config)
     except (ValueError, TypeError, RuntimeError) as err:
         raise ConfigError(f"train.peft (method {cfg.peft.method!r}) does not fit {base.spec}: {err}") from None
+    for config in model.peft_config.values():
+        # all-linear expands to a set, which adapter_config.json would list in per-process hash order
+        for key in ("target_modules", "feedforward_modules"):
+            if isinstance(getattr(config, key, None), set):
+                setattr(config, key, sorted(getattr(config, key)))
     initial = None
     if peft_methods.needs_weight_conversion(cfg.peft):
         initial = run_dir / INITIAL_ADAPTER
