@@ -1,0 +1,105 @@
+"""The team backends for real: MLflow on PostgreSQL with S3 (moto) artifacts, and DVC on S3.
+
+Services start once for this module (tests/integration/services.py) on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from services import S3_ENV, MlflowServer, Postgres, S3, mlflow_on_postgres, postgres_db, s3, use_s3_dvc_remote  # noqa: F401
+
+from tasks import models, versioning
+from tasks.config import load_params
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+
+def tree_digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def save_tiny_adapter(params, out: Path) -> Path:
+    """A real random:tiny LoRA adapter folder (safetensors + adapter_config.json + tokenizer)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = models.resolve(params.model)
+    model = get_peft_model(models.load_model(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                               task_type="CAUSAL_LM"))
+    model.save_pretrained(out, safe_serialization=True)
+    models.load_tokenizer(base).save_pretrained(out)
+    return out
+
+
+@pytest.mark.timeout(90, func_only=True)  # services start in module setup, bounded by their own waits
+def test_registry_round_trip_on_postgres_and_s3(mlflow_on_postgres: MlflowServer, postgres_db: Postgres, s3: S3,
+                                                project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import mlflow
+    from mlflow import MlflowClient
+
+    # `models:/` URIs resolve through the registry URI, which follows MLFLOW_TRACKING_URI (as in production).
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_on_postgres.url)
+    assert mlflow.get_registry_uri() == mlflow_on_postgres.url
+
+    adapter = save_tiny_adapter(load_params(project / "params.yaml"), tmp_path / "adapter")
+    assert (adapter / "adapter_model.safetensors").is_file()
+    client = MlflowClient(tracking_uri=mlflow_on_postgres.url)
+    experiment = client.create_experiment("team-services-test")
+    run = client.create_run(experiment)
+    client.log_artifacts(run.info.run_id, str(adapter), "adapter")
+    client.set_terminated(run.info.run_id)
+
+    name = "peftflow-team-test"
+    client.create_registered_model(name)
+    version = client.create_model_version(name, source=f"{run.info.artifact_uri}/adapter", run_id=run.info.run_id)
+    client.set_registered_model_alias(name, "champion", version.version)
+
+    got = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}@champion",
+                                                   dst_path=str(tmp_path / "download")))
+    assert tree_digests(got) == tree_digests(adapter)
+
+    # The metadata is in PostgreSQL and the bytes are in the S3 bucket, not on a local disk.
+    assert postgres_db.query("mlflow", f"SELECT version FROM model_versions WHERE name = '{name}'") == [(1,)]
+    assert postgres_db.query("mlflow", f"SELECT alias FROM registered_model_aliases WHERE name = '{name}'") \
+        == [("champion",)]
+    stored = [k for k in s3.keys("mlflow") if f"/{run.info.run_id}/" in k]
+    assert {k.split("/artifacts/adapter/", 1)[1] for k in stored} == set(tree_digests(adapter))
+    key = next(k for k in stored if k.endswith("adapter_model.safetensors"))
+    body = s3.client().get_object(Bucket="mlflow", Key=key)["Body"].read()
+    assert body == (adapter / "adapter_model.safetensors").read_bytes()
+
+
+@pytest.mark.timeout(90, func_only=True)  # services start in module setup, bounded by their own waits
+def test_dvc_push_pull_through_s3_remote(s3: S3, project: Path, monkeypatch: pytest.MonkeyPatch):
+    for k, v in S3_ENV.items():  # credentials from the environment only, as in production
+        monkeypatch.setenv(k, v)
+    url = use_s3_dvc_remote(project, s3, prefix="push-pull")
+    config = (project / ".dvc" / "config").read_text()
+    assert url in config and s3.endpoint in config and S3_ENV["AWS_SECRET_ACCESS_KEY"] not in config
+
+    data = project / "data" / "blob.bin"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    payload = os.urandom(300_000)
+    data.write_bytes(payload)
+    md5 = versioning.add(project, "data/blob.bin")
+    assert md5 == hashlib.md5(payload).hexdigest()
+    assert versioning.push(project, ["data/blob.bin"]) == 1
+    # DVC 3 lays objects out as files/md5/<2 chars>/<rest> under the remote's prefix.
+    assert s3.keys("dvc", "push-pull/") == [f"push-pull/files/md5/{md5[:2]}/{md5[2:]}"]
+
+    # A fresh clone's view: no workspace file, no cache; `dvc pull` brings the bytes back from S3.
+    data.unlink()
+    subprocess.run(["rm", "-rf", str(project / ".dvc" / "cache")], check=True)
+    pulled = subprocess.run([sys.executable, "-m", "dvc", "pull", "data/blob.bin"], cwd=project,
+                            capture_output=True, text=True)
+    assert pulled.returncode == 0, pulled.stderr
+    assert data.read_bytes() == payload
