@@ -29,7 +29,7 @@ runtime.apply_env_defaults()  # before prefect/transformers read the environment
 from prefect import flow  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 
-from flows import stages  # noqa: E402
+from flows import stages, summary  # noqa: E402
 from flows.finetune import finetune  # noqa: E402
 
 DATA_CHANGED = "peftflow.data.changed"
@@ -117,7 +117,13 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 serve(str(Path(args.params).resolve()), args.cron)
         return 0
-    return runtime.run_flow(retrain, {"params": args.params}, lambda result: print(result.get("reason", result)))
+    return runtime.run_flow(retrain, {"params": args.params}, print_result)
+
+
+def print_result(result: dict) -> None:
+    if result["retrained"]:
+        summary.print_table(summary.RunSummary(**{k: v for k, v in result.items() if k not in ("retrained", "reason")}))
+    print(("retrained: " if result["retrained"] else "skipped: ") + result["reason"])
 
 
 if __name__ == "__main__":

@@ -3,10 +3,14 @@
 Contract:
 - `apply_env_defaults()`: offline, no telemetry, no pickle, stage loggers routed to Prefect
   (env defaults; a value the user already set wins). Call it before `prefect` is imported.
-- `shared_api_url()`: the Prefect API every run of this machine should share: PREFECT_API_URL if
-  set, else a local `prefect server start` answering on 127.0.0.1:4200 (`make prefect-ui`), else
-  None (Prefect then starts its temporary per-process server on the SQLite file in PREFECT_HOME).
-- `run_flow(flow, kwargs, on_result) -> exit code`: call a flow against `shared_api_url()`; a
+- `shared_api_url()`: an already running API to use: PREFECT_API_URL if set, else a local
+  `prefect server start` answering on 127.0.0.1:4200 (`make prefect-ui`), else None.
+- `prefect_api()`: context manager yielding the API URL for this process's flow runs: the shared
+  one above, else the temporary local server another peftflow process on this machine started
+  (same PREFECT_HOME), else one started here and published for the others. Its owner stops it
+  only after every process using it has let go (it waits for them), so concurrent embedded runs
+  share one server and one SQLite database instead of each starting its own.
+- `run_flow(flow, kwargs, on_result) -> exit code`: call a flow against `prefect_api()`; a
   PeftflowError prints one line and returns 2; on success `on_result(return value)` and 0.
 - `project_lock(root)`: an exclusive, cross-process lock of one project, held while a flow checks,
   runs and records a stage, so two flows on one checkout never interleave writes to the same DVC
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import sys
 import urllib.request
@@ -60,13 +65,64 @@ def shared_api_url() -> str | None:
     return LOCAL_SERVER if _healthy(LOCAL_SERVER) else None
 
 
+def _prefect_home() -> Path:
+    return Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
+
+
+@contextlib.contextmanager
+def prefect_api() -> Iterator[str]:
+    """See the module docstring. Files in PREFECT_HOME: peftflow-server.json (url, owner pid),
+    .lock (held while joining or stopping), .users (a shared flock per process using the server)."""
+    url = shared_api_url()
+    if url:
+        yield url
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    home = _prefect_home()
+    home.mkdir(parents=True, exist_ok=True)
+    info_path = home / "peftflow-server.json"
+    with open(home / "peftflow-server.lock", "a") as election, open(home / "peftflow-server.users", "a") as users:
+        server = None
+        fcntl.flock(election, fcntl.LOCK_EX)
+        try:
+            try:
+                url = json.loads(info_path.read_text())["url"]
+            except (OSError, ValueError, KeyError):
+                url = None
+            if not (url and _healthy(url, timeout=2.0)):
+                server = SubprocessASGIServer()
+                server.start(timeout=180)  # a cold start on a busy 2-core machine can take a minute
+                url = server.api_url
+                info_path.write_text(json.dumps({"url": url, "pid": os.getpid()}))
+            fcntl.flock(users, fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(election, fcntl.LOCK_UN)
+        try:
+            yield url
+        finally:
+            fcntl.flock(users, fcntl.LOCK_UN)
+            if server is not None:
+                fcntl.flock(election, fcntl.LOCK_EX)  # nobody joins from now on
+                try:
+                    try:
+                        fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        print(f"waiting for other flow runs using the Prefect server {url} to finish",
+                              file=sys.stderr, flush=True)
+                        fcntl.flock(users, fcntl.LOCK_EX)  # the processes still using it let go
+                    info_path.unlink(missing_ok=True)
+                    server.stop()
+                    fcntl.flock(users, fcntl.LOCK_UN)
+                finally:
+                    fcntl.flock(election, fcntl.LOCK_UN)
+
+
 def run_flow(flow: Callable[..., Any], kwargs: dict[str, Any], on_result: Callable[[Any], None]) -> int:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    url = shared_api_url()
-    settings = temporary_settings({PREFECT_API_URL: url}) if url else contextlib.nullcontext()
     try:
-        with settings:
+        with prefect_api() as url, temporary_settings({PREFECT_API_URL: url}):
             result = flow(**kwargs)
     except PeftflowError as err:
         print(f"error: {err}", file=sys.stderr)
