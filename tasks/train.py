@@ -318,7 +318,7 @@ def fit(params: Params):
         model, collator, extra_args = fastpath.prepare(model, collator, cfg)
 
     warmup = cfg.warmup_steps if cfg.warmup_steps < 1 else int(cfg.warmup_steps)
-    args = TrainingArguments(
+    own_args = dict(
         output_dir=str(run_dir),
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.micro_batch_size,
@@ -346,8 +346,8 @@ def fit(params: Params):
         use_cpu=device == "cpu",
         bf16=dtype_name == "bf16",
         dataloader_num_workers=0,
-        **extra_args,
     )
+    args = TrainingArguments(**{**extra_args, **own_args})  # the fast path adds options; it never overrides ours
     trainer_cls, manifest_cb, adalora_cb = _trainer_class()
     callbacks = [manifest_cb()] + ([adalora_cb()] if cfg.peft.method == "adalora" else [])
     if device == "cuda":
