@@ -32,6 +32,7 @@ def _isolated(tmp_path_factory):
     mp.setenv("PEFTFLOW_CACHE", str(tmp_path_factory.mktemp("cache")))
     mp.delenv("MLFLOW_TRACKING_URI", raising=False)
     mp.delenv(tracking.ENV_RUN_ID, raising=False)
+    mp.setenv(tracking.ENV_FLOW_RUN_ID, "prefect-flow-run-123")  # as Prefect sets it for a flow run
     yield
     mp.undo()
 
@@ -66,6 +67,7 @@ def test_run_holds_params_curves_eval_lineage_artifacts(registered):
     assert float(tags["train.gpu_hours"]) == 0.0
     assert tags["lib.torch"] and tags["lib.mlflow"]
     assert tags["registered.version"] == result.version
+    assert tags["prefect.flow_run_id"] == "prefect-flow-run-123"
     [inp] = run.inputs.dataset_inputs
     assert inp.dataset.digest == ingest["md5"]
     names = {a.path for a in c.list_artifacts(result.run_id, "reports")}
@@ -239,6 +241,15 @@ def test_adapter_changed_since_training_is_refused(tmp_path):
     (params.root / "models/adapter/adapter_config.json").write_text("{}")
     with pytest.raises(ModelError, match="changed since training"):
         register.run(params)
+
+
+def test_system_metrics_are_sampled_into_the_run(tmp_path):
+    params = load_params(make_project(tmp_path / "p") / "params.yaml")
+    run_id = tracking.start_run(params)
+    with tracking.system_metrics(run_id, params, interval_s=0.5):
+        time.sleep(2.0)
+    tracking.finish_run(params, run_id)
+    assert any(k.startswith("system/") for k in tracking.client(params).get_run(run_id).data.metrics)
 
 
 def test_unreachable_server_fails_fast(tmp_path, monkeypatch):
