@@ -242,7 +242,8 @@ def run(params: Params, run_id: str | None = None) -> RegisterResult:
             for extra in versions[1:]:
                 client.delete_model_version(cfg.model_name, extra)
             version = versions[0] if versions else ours
-            if version == ours:
+            created = version == ours
+            if created:
                 try:
                     _verify_stored(params, cfg.model_name, version, adapter_sha)
                 except ModelError:
