@@ -13,6 +13,7 @@ export DO_NOT_TRACK := 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 export MLFLOW_ALLOW_PICKLE_DESERIALIZATION := false
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false
 
 .PHONY: setup run test test-fast test-gpu ui prefect-ui lock clean help
 

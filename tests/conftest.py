@@ -19,6 +19,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
+# mlflow server otherwise starts ~8 huey job-runner processes we never use (2 CPU cores in CI).
+os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 
 def deep_merge(base: dict, overrides: dict) -> dict:
