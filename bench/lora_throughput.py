@@ -1,7 +1,7 @@
 """LoRA training throughput: the project's fast path (tasks.fastpath.prepare + HF Trainer) against
 plain HF Trainer + peft, on random-init Llama shapes, in one run on one GPU.
 
-    python -m bench.lora_throughput --preset main --out-dir "$OUT"
+    python -m bench.lora_throughput --preset goals --steps 55 --warmup 5 --out-dir "$OUT"
 
 Each config runs in its own subprocess (Liger patches transformers classes globally, and each
 run's peak memory must be its own). Every run builds the same seeded random-init bf16 model on
@@ -48,6 +48,18 @@ def presets(steps: int) -> dict[str, list[dict]]:
             _cfg("1b-fast-b4", "llama-1b", "dense", "fast", 4, 12, parity_with="1b-base-b4"),
             _cfg("1b-sft-base-b8", "llama-1b", "sft", "baseline", 8, 12),
             _cfg("1b-sft-fast-b8", "llama-1b", "sft", "fast", 8, 12, parity_with="1b-sft-base-b8"),
+        ],
+        # One device call (~8 min at --steps 55): every goal of issue E against its baseline.
+        "goals": [
+            _cfg("8b-base-b4", "llama-8b", "dense", "baseline", 4, s),
+            _cfg("8b-fast-b4", "llama-8b", "dense", "fast", 4, s, parity_with="8b-base-b4"),
+            _cfg("1b-base-b16", "llama-1b", "dense", "baseline", 16, s),
+            _cfg("1b-fast-b14", "llama-1b", "dense", "fast", 14, s),
+            _cfg("1b-sft-base-b8", "llama-1b", "sft", "baseline", 8, s),
+            _cfg("1b-sft-fast-b8", "llama-1b", "sft", "fast", 8, s, parity_with="1b-sft-base-b8"),
+            _cfg("1b-sft-fast-b32", "llama-1b", "sft", "fast", 32, s),
+            _cfg("8b-sft-base-b4", "llama-8b", "sft", "baseline", 4, s),
+            _cfg("8b-sft-fast-b16", "llama-8b", "sft", "fast", 16, s),
         ],
         "main": [
             _cfg("8b-base-b4", "llama-8b", "dense", "baseline", 4, s),
@@ -300,7 +312,7 @@ def table(results: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", action="append", help="smoke | main | sft | ablate (repeatable)")
+    ap.add_argument("--preset", action="append", help="goals | smoke | main | sft | ablate (repeatable)")
     ap.add_argument("--only", help="comma-separated run names within the presets")
     ap.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
     ap.add_argument("--warmup", type=int, default=10, help="untimed first steps")
