@@ -5,8 +5,8 @@ The same shapes as docker/compose.yaml, without a Docker engine: each service is
 started on a free port in a temporary folder and stopped (and the folder removed) on exit.
 
 Starters (context managers, usable outside pytest):
-- `postgres()` -> Postgres: a fresh cluster (initdb + pg_ctl), password auth, databases `mlflow`
-  and `prefect`. As root it runs as the `postgres` system user (initdb refuses root).
+- `postgres()` -> Postgres: a fresh cluster (initdb + pg_ctl), password auth, databases `mlflow`,
+  `mlflow_auth` (basic-auth users) and `prefect`. As root it runs as the `postgres` system user (initdb refuses root).
 - `s3_server()` -> S3: `moto_server` with buckets `mlflow` and `dvc`; any credentials are accepted.
 - `mlflow_server(pg, s3)` -> MlflowServer: `mlflow server` on pg's `mlflow` database with
   `--artifacts-destination s3://mlflow/` (artifacts proxied, so clients need no S3 credentials).
@@ -14,7 +14,7 @@ Starters (context managers, usable outside pytest):
 
 Fixtures (module-scoped, so a test module starts each service once; import them into the test
 module: `from services import team_stack`): `postgres_db`, `s3`, `mlflow_on_postgres`,
-`team_stack` (all four; `TeamStack.env()` is what a finetune flow run needs to use them).
+`mlflow_with_basic_auth`, `team_stack` (all four; `TeamStack.env()` is what a finetune flow run needs to use them).
 
 Missing programs (Debian's postgresql, requirements-services.lock) skip with the install command;
 `scripts/ci-setup.sh` installs both, so CI runs these tests. A service that does not come up
@@ -23,6 +23,7 @@ raises ServiceError with the tail of its log.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import glob
 import os
@@ -140,7 +141,7 @@ class Postgres:
 
 
 @contextlib.contextmanager
-def postgres(databases: tuple[str, ...] = ("mlflow", "prefect")) -> Iterator[Postgres]:
+def postgres(databases: tuple[str, ...] = ("mlflow", "mlflow_auth", "prefect")) -> Iterator[Postgres]:
     bindir = pg_bindir()
     if bindir is None:
         raise FileNotFoundError(f"PostgreSQL server programs not found (Debian package postgresql); {INSTALL_HINT}")
@@ -229,17 +230,30 @@ class MlflowServer:
 
 
 @contextlib.contextmanager
-def mlflow_server(pg: Postgres, s3: S3, bucket: str = "mlflow") -> Iterator[MlflowServer]:
+def mlflow_server(pg: Postgres, s3: S3, bucket: str = "mlflow",
+                  admin_password: str | None = None) -> Iterator[MlflowServer]:
+    """With `admin_password`: the basic-auth app (`--app-name basic-auth`), its user store in pg's
+    `mlflow_auth` database and an `admin` user with that password (docs/operations.md)."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="peftflow-mlflow-") as tmp:
         log = Path(tmp) / "mlflow.log"
         cmd = [str(BIN / "mlflow"), "server", "--host", HOST, "--port", str(port), "--workers", "1",
                "--backend-store-uri", pg.url("mlflow"), "--artifacts-destination", f"s3://{bucket}/"]
         env = {**S3_ENV, "MLFLOW_S3_ENDPOINT_URL": s3.endpoint}
+        headers = {}
+        if admin_password:
+            ini = Path(tmp) / "basic_auth.ini"
+            ini.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {pg.url('mlflow_auth')}\n"
+                           "admin_username = admin\n"
+                           "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+            cmd += ["--app-name", "basic-auth"]
+            env |= {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,
+                    "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
+            headers = {"Authorization": "Basic " + base64.b64encode(f"admin:{admin_password}".encode()).decode()}
         with _process(cmd, log, env) as proc:
             server = MlflowServer(url=f"http://{HOST}:{port}")
             # First start migrates the schema into PostgreSQL: ~20-40 s on a busy 2-core machine.
-            wait_http(f"{server.url}/health", 120, proc, log)
+            wait_http(f"{server.url}/health", 120, proc, log, headers)
             yield server
 
 
@@ -294,6 +308,14 @@ def s3() -> Iterator[S3]:
 def mlflow_on_postgres(postgres_db: Postgres, s3: S3) -> Iterator[MlflowServer]:
     with mlflow_server(postgres_db, s3) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def mlflow_with_basic_auth(postgres_db: Postgres, s3: S3) -> Iterator[tuple[MlflowServer, str]]:
+    """(server, admin password): MLflow's basic-auth app on the same PostgreSQL and S3."""
+    password = secrets.token_hex(12)
+    with mlflow_server(postgres_db, s3, admin_password=password) as server:
+        yield server, password
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,14 @@ import hashlib
 import os
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from services import S3_ENV, MlflowServer, Postgres, S3, mlflow_on_postgres, postgres_db, s3, use_s3_dvc_remote  # noqa: F401
+from services import (S3_ENV, S3, MlflowServer, Postgres, mlflow_on_postgres, mlflow_with_basic_auth,  # noqa: F401
+                      postgres_db, s3, use_s3_dvc_remote)
 
 from tasks import models, versioning
 from tasks.config import load_params
@@ -103,3 +106,25 @@ def test_dvc_push_pull_through_s3_remote(s3: S3, project: Path, monkeypatch: pyt
                             capture_output=True, text=True)
     assert pulled.returncode == 0, pulled.stderr
     assert data.read_bytes() == payload
+
+
+@pytest.mark.timeout(90, func_only=True)
+def test_mlflow_basic_auth_needs_the_credentials(mlflow_with_basic_auth: tuple[MlflowServer, str],
+                                                 postgres_db: Postgres, monkeypatch: pytest.MonkeyPatch):
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    server, password = mlflow_with_basic_auth
+    with pytest.raises(urllib.error.HTTPError) as anonymous:
+        urllib.request.urlopen(f"{server.url}/api/2.0/mlflow/experiments/search?max_results=1", timeout=10)
+    assert anonymous.value.code == 401
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password + "-wrong")
+    with pytest.raises(MlflowException, match="401|[Uu]nauthori[sz]ed|credentials"):
+        MlflowClient(tracking_uri=server.url).create_experiment("auth-denied")
+
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    MlflowClient(tracking_uri=server.url).create_experiment("auth-granted")
+    # Users live in PostgreSQL too, in their own database.
+    assert ("admin",) in postgres_db.query("mlflow_auth", "SELECT username FROM users")
