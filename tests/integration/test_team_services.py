@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from services import (S3_ENV, S3, MlflowServer, Postgres, mlflow_on_postgres, mlflow_with_basic_auth,  # noqa: F401
-                      postgres_db, s3, use_s3_dvc_remote)
+from services import (S3_ENV, S3, MlflowServer, Postgres, TeamStack, mlflow_on_postgres,  # noqa: F401
+                      mlflow_with_basic_auth, postgres_db, s3, team_stack, use_s3_dvc_remote)
 
 from tasks import models, versioning
 from tasks.config import load_params
@@ -128,3 +128,25 @@ def test_mlflow_basic_auth_needs_the_credentials(mlflow_with_basic_auth: tuple[M
     MlflowClient(tracking_uri=server.url).create_experiment("auth-granted")
     # Users live in PostgreSQL too, in their own database.
     assert ("admin",) in postgres_db.query("mlflow_auth", "SELECT username FROM users")
+
+
+FLOW = """
+from prefect import flow
+
+@flow(name="team-stack-probe")
+def probe() -> int:
+    return 42
+
+assert probe() == 42
+"""
+
+
+@pytest.mark.timeout(90, func_only=True)
+def test_prefect_server_on_postgres_records_flow_runs(team_stack: TeamStack, tmp_path: Path):
+    env = {**os.environ, **team_stack.env(), "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    ran = subprocess.run([sys.executable, "-c", FLOW], env=env, capture_output=True, text=True, timeout=80)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    rows = team_stack.postgres.query(
+        "prefect", "SELECT fr.state_type FROM flow_run fr JOIN flow f ON f.id = fr.flow_id "
+                   "WHERE f.name = 'team-stack-probe'")
+    assert rows == [("COMPLETED",)]
