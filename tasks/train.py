@@ -357,7 +357,7 @@ def fit(params: Params):
     tokens_before = 0
     if resume is not None:
         tokens_before = json.loads((resume / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0)
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     state = trainer.state
 
     adapter = root / layout.ADAPTER
@@ -388,7 +388,9 @@ def fit(params: Params):
         "trainable_params": int(trainable),
         "total_params": int(total),
         "wall_seconds": wall,
-        "seconds_per_step": wall / max(1, state.global_step - (checkpoints.step_of(resume) if resume else 0)),
+        # training loop only (no model load), over the steps this process ran
+        "seconds_per_step": output.metrics["train_runtime"] / max(
+            1, state.global_step - (checkpoints.step_of(resume) if resume else 0)),
         "peak_memory_bytes": peak,
         "peak_memory_kind": peak_kind,
         "device": device,
