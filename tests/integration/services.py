@@ -6,15 +6,20 @@ started on a free port in a temporary folder and stopped (and the folder removed
 
 Starters (context managers, usable outside pytest):
 - `postgres()` -> Postgres: a fresh cluster (initdb + pg_ctl), password auth, databases `mlflow`,
-  `mlflow_auth` (basic-auth users) and `prefect`. As root it runs as the `postgres` system user (initdb refuses root).
+  `mlflow_auth` (basic-auth users) and `prefect`. As root it runs as the `postgres` system user
+  (initdb refuses root).
 - `s3_server()` -> S3: `moto_server` with buckets `mlflow` and `dvc`; any credentials are accepted.
-- `mlflow_server(pg, s3)` -> MlflowServer: `mlflow server` on pg's `mlflow` database with
-  `--artifacts-destination s3://mlflow/` (artifacts proxied, so clients need no S3 credentials).
+- `mlflow_server(pg, s3, admin_password=None)` -> MlflowServer: `mlflow server` on pg's `mlflow`
+  database with `--artifacts-destination s3://mlflow/` (artifacts proxied, so clients need no S3
+  credentials); with `admin_password`, the basic-auth app.
 - `prefect_server(pg)` -> PrefectServer: `prefect server start` on pg's `prefect` database.
 
 Fixtures (module-scoped, so a test module starts each service once; import them into the test
-module: `from services import team_stack`): `postgres_db`, `s3`, `mlflow_on_postgres`,
-`mlflow_with_basic_auth`, `team_stack` (all four; `TeamStack.env()` is what a finetune flow run needs to use them).
+module, e.g. `from services import team_stack, postgres_db, s3, mlflow_on_postgres`; there is no
+tests/integration/conftest.py because a second conftest module breaks the suite's
+`from conftest import ...`): `postgres_db`, `s3`, `mlflow_on_postgres`, `mlflow_with_basic_auth`,
+and `team_stack` (all four; `TeamStack.env()` is the environment a finetune flow run needs to use
+them, `TeamStack.use_s3_dvc_remote(project)` points the project's DVC at the S3 server).
 
 Missing programs (Debian's postgresql, requirements-services.lock) skip with the install command;
 `scripts/ci-setup.sh` installs both, so CI runs these tests. A service that does not come up

@@ -94,8 +94,10 @@ def pins(text: str) -> dict[str, str]:
 
 def test_images_install_exactly_the_locked_versions():
     """Every `pkg==ver` in a Dockerfile equals the pin in requirements*.lock or the Makefile."""
-    locked = {**pins((REPO / "requirements.lock").read_text()), **pins((REPO / "requirements-services.lock").read_text())}
-    makefile = {k.lower(): v for k, v in re.findall(r"([A-Za-z0-9_.\-]+)==([0-9][^\s']*)", (REPO / "Makefile").read_text())}
+    locked = {**pins((REPO / "requirements.lock").read_text()),
+              **pins((REPO / "requirements-services.lock").read_text())}
+    makefile = {k.lower(): v
+                for k, v in re.findall(r"([A-Za-z0-9_.\-]+)==([0-9][^\s']*)", (REPO / "Makefile").read_text())}
     for dockerfile in DOCKERFILES:
         text = dockerfile.read_text()
         for name, version in re.findall(r"\s([A-Za-z][A-Za-z0-9_.\-]*)==([0-9][^\s\\]*)", text):

@@ -36,8 +36,8 @@ def save_tiny_adapter(params, out: Path) -> Path:
 
     torch.manual_seed(0)
     base = models.resolve(params.model)
-    model = get_peft_model(models.load_model(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                               task_type="CAUSAL_LM"))
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    model = get_peft_model(models.load_model(base), lora)
     model.save_pretrained(out, safe_serialization=True)
     models.load_tokenizer(base).save_pretrained(out)
     return out
