@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM := false
 export MLFLOW_ALLOW_PICKLE_DESERIALIZATION := false
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false
 
-.PHONY: setup run test test-fast test-gpu ui prefect-ui lock clean help
+.PHONY: setup ci-tools run test test-fast test-gpu ui prefect-ui lock clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -35,7 +35,10 @@ $(STAMP): requirements.lock pyproject.toml
 run: setup  ## run the whole pipeline on the embedded default (SmolLM2 + Rotten Tomatoes)
 	$(PY) -m flows.finetune
 
-test: setup  ## run the test suite (unit + integration, CPU)
+ci-tools: setup  ## tools the integration tests use: hadolint, docker-compose, PostgreSQL, services extras
+	bash scripts/ci-setup.sh
+
+test: setup ci-tools  ## run the test suite (unit + integration, CPU)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup  ## unit tests only
