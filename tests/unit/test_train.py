@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks import checkpoints, layout, models, train
+from tasks import layout, models, train
 from tasks.config import ModelConfig, load_params
 from tasks.errors import ModelError, TrainingError
 
