@@ -1,0 +1,106 @@
+"""Chaos for the train stage: SIGKILL at random points over 10 seeds (inside checkpoint saves too),
+and a 1-byte flip in a sealed checkpoint, in ONE training run that is resumed after every blow.
+The final adapter must be byte-identical to an uninterrupted run, with the same loss curve.
+
+tests/unit/test_resume.py holds the per-seed variant (3 seeds, a fresh run each); this module
+chains the blows so that 10 seeds cost one run plus 10 process starts.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+from test_resume import curve, finish, kill_when, launch  # noqa: E402
+from test_train import adapter_bytes, tiny_project  # noqa: E402
+
+import invariants  # noqa: E402
+from tasks import checkpoints, layout  # noqa: E402
+
+SEEDS = range(10)
+# A checkpoint every step (so kills often land inside a save); dropout makes RNG state matter;
+# enough steps that ten blows never reach the end.
+PARAMS = {"max_steps": 24, "save_steps": 1, "global_batch_size": 4, "micro_batch_size": 2, "peft": {"dropout": 0.1}}
+
+
+def sealed(root: Path) -> list[Path]:
+    return sorted((c for c in (root / layout.CHECKPOINTS).glob("*/checkpoint-*") if checkpoints.verify(c)),
+                  key=checkpoints.step_of)
+
+
+def flip_byte(path: Path, offset: int | None = None) -> None:
+    data = bytearray(path.read_bytes())
+    i = len(data) // 2 if offset is None else offset
+    data[i] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    params = tiny_project(tmp_path_factory.mktemp("ref") / "p", PARAMS)
+    finish(params)
+    return params.parent
+
+
+def test_ten_seeded_kills_and_a_flipped_checkpoint_end_byte_identical(tmp_path, reference):
+    params = tiny_project(tmp_path / "p", PARAMS)
+    root = params.parent
+    survived = cut_saves = 0
+    flipped = None
+    for seed in SEEDS:
+        rng = random.Random(seed)
+        done = sealed(root)
+        next_step = (checkpoints.step_of(done[-1]) if done else 0) + 1
+        proc = launch(params)
+        mode = rng.choice(["inside-save", "after-save", "anytime"])
+        if mode == "anytime":  # imports, model load, data loading or the first steps: wherever the clock says
+            deadline = time.monotonic() + rng.uniform(0.3, 4.0)
+            while proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            alive = proc.poll() is None
+            proc.kill()
+            proc.wait()
+        else:
+            alive = True
+            kill_when(proc, root, next_step, 0.0 if mode == "inside-save" else rng.uniform(0, 0.3))
+        survived += alive
+        cut_saves += any(not checkpoints.verify(c) for c in (root / layout.CHECKPOINTS).glob("*/checkpoint-*")
+                         if c != flipped)
+        assert not (root / layout.report("train")).exists(), f"seed {seed}: the run finished before the kill"
+        if seed == 5 and sealed(root):
+            # Bit rot in the newest sealed checkpoint: its manifest must catch it before resume.
+            flipped = sealed(root)[-1]
+            flip_byte(flipped / "adapter_model.safetensors")
+            assert not checkpoints.verify(flipped)
+    finish(params)
+
+    report = json.loads((root / layout.report("train")).read_text())
+    assert report["steps"] == PARAMS["max_steps"] and report["resumed_from_step"] is not None
+    assert adapter_bytes(root) == adapter_bytes(reference)
+    assert curve(root) == curve(reference)
+    assert flipped is not None
+    invariants.check(root=root, dvc=False).assert_ok()
+    print(f"FIGURE kills survived: {survived}/{len(SEEDS)} (inside a checkpoint save: {cut_saves}); "
+          f"flipped checkpoint {flipped.name} skipped; final adapter byte-identical")
+    assert survived == len(SEEDS)
+
+
+def test_flipped_checkpoint_is_never_resumed(tmp_path):
+    """latest_valid() passes over a checkpoint whose bytes no longer match its manifest."""
+    run = tmp_path / "run"
+    for step in (1, 2):
+        ckpt = run / f"checkpoint-{step}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "adapter_model.safetensors").write_bytes(bytes(range(256)) * step)
+        (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        checkpoints.write_manifest(ckpt)
+    assert checkpoints.latest_valid(run).name == "checkpoint-2"
+    flip_byte(run / "checkpoint-2" / "trainer_state.json", offset=3)
+    assert checkpoints.latest_valid(run).name == "checkpoint-1"
+    assert not (run / "checkpoint-2").exists()  # removed, so the next save cannot mix with its files
