@@ -132,6 +132,10 @@ class PeftConfig(Section):
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Module names to adapt, or `all-linear`."
     )
+    last_layers: int | None = Field(
+        None, ge=1, description="Adapt only the last N transformer layers (null = all). Backward then stops "
+        "at layer L-N, which makes CPU steps much cheaper. Layer-adapting methods only.",
+    )
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     init: str = Field(
@@ -209,6 +213,11 @@ class RegisterConfig(Section):
         {"f1_macro": 0.02}, description="Metric -> largest allowed regression vs the champion."
     )
     promote: bool = Field(True, description="Run the gate after registration (moves `champion` when it passes).")
+    server_wait_s: float = Field(
+        300.0, ge=0, le=86400,
+        description="How long register waits for an unreachable tracking server to come back before failing "
+        "(the trained outputs stay on disk either way).",
+    )
 
     @field_validator("experiment", "model_name")
     @classmethod

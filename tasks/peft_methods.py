@@ -48,10 +48,23 @@ def _targets(cfg: PeftConfig):
     return cfg.target_modules if cfg.target_modules == "all-linear" else list(cfg.target_modules)
 
 
-def build(cfg: PeftConfig, *, task_type: str, max_steps: int):
-    """peft config for `cfg.method`. task_type is "CAUSAL_LM" or "SEQ_CLS"."""
+def build(cfg: PeftConfig, *, task_type: str, max_steps: int, num_layers: int | None = None):
+    """peft config for `cfg.method`. task_type is "CAUSAL_LM" or "SEQ_CLS"; num_layers (the
+    model's layer count) is needed when `cfg.last_layers` is set."""
     import peft
 
+    peft_config = _build(peft, cfg, task_type=task_type, max_steps=max_steps)
+    if cfg.last_layers is not None:
+        if cfg.method in PROMPT_METHODS:
+            raise ConfigError(f"train.peft.last_layers applies to layer-adapting methods, not {cfg.method!r}; "
+                              f"set it to null")
+        if num_layers is None or cfg.last_layers > num_layers:
+            raise ConfigError(f"train.peft.last_layers = {cfg.last_layers} but the model has {num_layers} layers")
+        peft_config.layers_to_transform = list(range(num_layers - cfg.last_layers, num_layers))
+    return peft_config
+
+
+def _build(peft, cfg: PeftConfig, *, task_type: str, max_steps: int):
     if cfg.method != "lora" and (cfg.use_dora or cfg.use_rslora or cfg.init != "default"):
         raise ConfigError(f"train.peft.use_dora/use_rslora/init apply to method 'lora' only "
                           f"(method is {cfg.method!r}); reset them to their defaults")

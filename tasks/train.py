@@ -293,7 +293,8 @@ def fit(params: Params):
     if cfg.peft.quantize_4bit:
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     peft_config = peft_methods.build(cfg.peft, task_type="SEQ_CLS" if classification else "CAUSAL_LM",
-                                     max_steps=cfg.max_steps)
+                                     max_steps=cfg.max_steps,
+                                     num_layers=getattr(model.config, "num_hidden_layers", None))
     try:
         model = peft.get_peft_model(model, peft_config)
     except (ValueError, TypeError, RuntimeError) as err:

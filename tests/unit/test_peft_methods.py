@@ -66,3 +66,16 @@ def test_unsupported_lora_init_is_a_config_error(init, msg):
 def test_lora_only_options_are_refused_for_other_methods():
     with pytest.raises(ConfigError, match="apply to method 'lora' only"):
         peft_methods.build(PeftConfig(method="ia3", use_dora=True), task_type="CAUSAL_LM", max_steps=10)
+
+
+def test_last_layers_adapts_only_the_top_layers():
+    from tasks.config import PeftConfig
+    from tasks.errors import ConfigError
+
+    config = peft_methods.build(PeftConfig(last_layers=3), task_type="CAUSAL_LM", max_steps=4, num_layers=30)
+    assert config.layers_to_transform == [27, 28, 29]
+    with pytest.raises(ConfigError, match="last_layers"):
+        peft_methods.build(PeftConfig(last_layers=31), task_type="CAUSAL_LM", max_steps=4, num_layers=30)
+    with pytest.raises(ConfigError, match="last_layers"):
+        peft_methods.build(PeftConfig(method="prompt_tuning", last_layers=2), task_type="CAUSAL_LM",
+                           max_steps=4, num_layers=30)
