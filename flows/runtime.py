@@ -23,6 +23,7 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
 import sys
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -69,10 +70,23 @@ def _prefect_home() -> Path:
     return Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
 
 
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def prefect_api() -> Iterator[str]:
-    """See the module docstring. Files in PREFECT_HOME: peftflow-server.json (url, owner pid),
-    .lock (held while joining or stopping), .users (a shared flock per process using the server)."""
+    """See the module docstring. Files in PREFECT_HOME: peftflow-server.json (url, owner pid, server
+    pid), .lock (held while joining or stopping), .users (a shared flock per process using it).
+    A server whose owner died (kill -9) is adopted by the next process, which then stops it."""
     url = shared_api_url()
     if url:
         yield url
@@ -83,18 +97,24 @@ def prefect_api() -> Iterator[str]:
     home.mkdir(parents=True, exist_ok=True)
     info_path = home / "peftflow-server.json"
     with open(home / "peftflow-server.lock", "a") as election, open(home / "peftflow-server.users", "a") as users:
-        server = None
+        server, orphan_pid = None, None
         fcntl.flock(election, fcntl.LOCK_EX)
         try:
             try:
-                url = json.loads(info_path.read_text())["url"]
-            except (OSError, ValueError, KeyError):
-                url = None
-            if not (url and _healthy(url, timeout=2.0)):
+                info = json.loads(info_path.read_text())
+            except (OSError, ValueError):
+                info = {}
+            url = info.get("url")
+            if url and _healthy(url, timeout=2.0):
+                if not _alive(info.get("pid")):
+                    orphan_pid = info.get("server_pid")
+                    info_path.write_text(json.dumps({**info, "pid": os.getpid()}))
+            else:
                 server = SubprocessASGIServer()
                 server.start(timeout=180)  # a cold start on a busy 2-core machine can take a minute
                 url = server.api_url
-                info_path.write_text(json.dumps({"url": url, "pid": os.getpid()}))
+                info_path.write_text(json.dumps({"url": url, "pid": os.getpid(),
+                                                 "server_pid": server.server_process.pid}))
             fcntl.flock(users, fcntl.LOCK_SH)
         finally:
             fcntl.flock(election, fcntl.LOCK_UN)
@@ -102,7 +122,7 @@ def prefect_api() -> Iterator[str]:
             yield url
         finally:
             fcntl.flock(users, fcntl.LOCK_UN)
-            if server is not None:
+            if server is not None or orphan_pid:
                 fcntl.flock(election, fcntl.LOCK_EX)  # nobody joins from now on
                 try:
                     try:
@@ -112,21 +132,42 @@ def prefect_api() -> Iterator[str]:
                               file=sys.stderr, flush=True)
                         fcntl.flock(users, fcntl.LOCK_EX)  # the processes still using it let go
                     info_path.unlink(missing_ok=True)
-                    server.stop()
+                    _drain_prefect_services()
+                    if server is not None:
+                        server.stop()
+                    elif _alive(orphan_pid):
+                        os.kill(orphan_pid, signal.SIGTERM)
                     fcntl.flock(users, fcntl.LOCK_UN)
                 finally:
                     fcntl.flock(election, fcntl.LOCK_UN)
 
 
+def _drain_prefect_services() -> None:
+    """Deliver this process's pending logs, events and concurrency-slot releases before the server
+    goes away (else their senders retry a dead address for about a minute at exit)."""
+    from prefect._internal.concurrency.services import QueueService
+
+    QueueService.drain_all(timeout=15)
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    # Prefect marks the run crashed, then hands SIGTERM on to this handler: unwinding (instead of
+    # dying on the spot) lets prefect_api() stop the server it started.
+    raise SystemExit(128 + signum)
+
+
 def run_flow(flow: Callable[..., Any], kwargs: dict[str, Any], on_result: Callable[[Any], None]) -> int:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         with prefect_api() as url, temporary_settings({PREFECT_API_URL: url}):
             result = flow(**kwargs)
     except PeftflowError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     on_result(result)
     return 0
 

@@ -3,7 +3,8 @@
 Contract:
 - `load_config(path) -> Params`: the first task of every flow. Raises ConfigError for a broken
   params file, and for a project the DVC stages cannot work in (no dvc.yaml, not named
-  params.yaml), before anything else runs.
+  params.yaml, stage code missing or different from the code this process runs), before
+  anything else runs.
 - `ingest(params) -> IngestResult`: fetch, `dvc add`, push. Retried with backoff (I/O).
 - `dvc_stage(stage, params) -> StageOutcome` for preprocess, train, evaluate, merge: skipped when
   `dvc status <stage>` is clean (content hashes of deps, params and outs in dvc.lock, so changed
@@ -79,12 +80,16 @@ def read_report(root: Path, stage: str) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+CODE = Path(__file__).resolve().parents[1]  # the checkout whose tasks/ this process imports
+
+
 def _code_deps(root: Path) -> set[str]:
+    """The `tasks/*.py` files dvc.yaml lists as deps (entries are paths or one-key mappings)."""
     import yaml
 
     stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages") or {}
-    return {d if isinstance(d, str) else next(iter(d)) for s in stages.values() for d in s.get("deps") or []
-            if str(d if isinstance(d, str) else next(iter(d))).startswith("tasks/")}
+    paths = {d if isinstance(d, str) else next(iter(d)) for s in stages.values() for d in s.get("deps") or []}
+    return {p for p in paths if p.startswith("tasks/")}
 
 
 @task(name="load-config", task_run_name="load-config · {path}", cache_policy=NO_CACHE)
@@ -102,6 +107,12 @@ def load_config(path: str) -> Params:
         raise ConfigError(f"{root} is not a peftflow checkout: dvc.yaml's code deps are missing there "
                           f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); put params.yaml "
                           f"in the checkout's root (the stages' code must sit next to dvc.yaml)")
+    # dvc.lock records the project's code; the stages run this process's code: they must be the same.
+    differ = sorted(d for d in _code_deps(root) if (root / d).read_bytes() != (CODE / d).read_bytes())
+    if differ:
+        raise ConfigError(f"the stage code in {root} differs from the code this flow runs ({CODE}): "
+                          f"{', '.join(differ[:3])}; run the flow from that checkout (cd {root} && "
+                          f"python -m flows.finetune) so dvc.lock records the code that made the outputs")
     get_run_logger().info("params %s (sha256 %s…), base model %s", path, params.sha256[:12], params.model.base)
     return params
 

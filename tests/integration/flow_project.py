@@ -5,14 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import random
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, git, make_project
+from conftest import make_project
 from tasks import tracking
 from tasks.config import load_params
 
@@ -33,12 +32,9 @@ def write_reviews(path: Path, rows: int, seed: int) -> None:
 
 
 def small_project(root: Path, **overrides) -> Path:
-    """A checkout-like project: make_project + the stage code (dvc.yaml's code deps) committed, and a
-    120-row local CSV as the data source (fast to ingest, easy to change)."""
+    """make_project (a checkout-like project with the stage code committed) with a 120-row local CSV
+    as the data source (fast to ingest, easy to change)."""
     project = make_project(root, {"ingest": {"source": "data/reviews.csv"}, **overrides})
-    shutil.copytree(REPO / "tasks", project / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
-    git(project, "add", "tasks")
-    git(project, "commit", "-qm", "stage code")
     write_reviews(project / "data" / "reviews.csv", 120, seed=0)
     return project
 
