@@ -213,7 +213,8 @@ def run(params: Params, run_id: str | None = None) -> RegisterResult:
     adapter_sha = adapter_digest(params, train)
     token = pipeline_token(params.sha256, ingest["md5"], adapter_sha)
 
-    tracking.check_reachable(params)
+    # Training is done and its outputs are on disk: wait out a tracking server restart rather than fail.
+    tracking.check_reachable(params, timeout_s=cfg.server_wait_s)
     client = tracking.client(params)
     tracking.mark_stale_runs(params, client)
     run_id = run_id or os.environ.get(tracking.ENV_RUN_ID) or tracking.find_run(params, TAG_TOKEN, token)
@@ -227,44 +228,46 @@ def run(params: Params, run_id: str | None = None) -> RegisterResult:
         tracking.log_pipeline(run_id, params)
         lineage = client.get_run(run_id).data.tags
 
-        existing = find_version(client, cfg.model_name, token)
-        created = not existing
-        if created:
-            description = (f"Adapter on {lineage.get('base.spec')} (weights sha256 {lineage.get('base.weights_sha256')}); "
-                           f"data {lineage.get('data.source')} md5 {lineage.get('data.md5')}; "
-                           f"{cfg.primary_metric}: adapter {evaluation.get('adapter', {}).get(cfg.primary_metric)}, "
-                           f"base {evaluation.get('base', {}).get(cfg.primary_metric)}")
-            ours = _create_version(client, params, run_id, cfg.model_name,
-                                   _version_tags(params, token, adapter_sha, lineage, evaluation), description)
-            # A retried request or a concurrent twin may have created another version with our token:
-            # keep the lowest, delete the others.
-            versions = find_version(client, cfg.model_name, token)
-            for extra in versions[1:]:
-                client.delete_model_version(cfg.model_name, extra)
-            version = versions[0] if versions else ours
-            created = version == ours
+        # One registration of this model at a time (across processes and machines): twins of one
+        # pipeline run then find each other's version instead of both creating one (versions stay
+        # dense), and the gate's read-decide-move of `champion` cannot interleave with another's.
+        with tracking.registry_lock(client, cfg.model_name):
+            existing = find_version(client, cfg.model_name, token)
+            created = not existing
             if created:
+                description = (f"Adapter on {lineage.get('base.spec')} (weights sha256 {lineage.get('base.weights_sha256')}); "
+                               f"data {lineage.get('data.source')} md5 {lineage.get('data.md5')}; "
+                               f"{cfg.primary_metric}: adapter {evaluation.get('adapter', {}).get(cfg.primary_metric)}, "
+                               f"base {evaluation.get('base', {}).get(cfg.primary_metric)}")
+                ours = _create_version(client, params, run_id, cfg.model_name,
+                                       _version_tags(params, token, adapter_sha, lineage, evaluation), description)
+                # A request the client retried after a lost answer may have created another version
+                # with our token (all ours, under the lock): keep the lowest, delete the others.
+                versions = find_version(client, cfg.model_name, token)
+                for extra in versions[1:]:
+                    client.delete_model_version(cfg.model_name, extra)
+                version = versions[0] if versions else ours
                 try:
                     _verify_stored(params, cfg.model_name, version, adapter_sha)
                 except ModelError:
                     client.delete_model_version(cfg.model_name, version)
                     raise
-        else:
-            version = existing[0]
-
-        mv = client.get_model_version(cfg.model_name, version)
-        promoted: bool | None = None
-        if TAG_GATE in mv.tags:  # registration of this version completed before: keep its decision
-            reason = mv.tags.get(TAG_GATE_REASON, "")
-        else:
-            client.set_registered_model_alias(cfg.model_name, promote.CHALLENGER, version)
-            if cfg.promote:
-                promoted, reason, _ = _gate(client, params, cfg.model_name, version, evaluation)
             else:
-                reason = "gate disabled (register.promote: false)"
-            client.set_model_version_tag(cfg.model_name, version, TAG_GATE_REASON, reason[:5000])
-            client.set_model_version_tag(cfg.model_name, version, TAG_GATE,
-                                         "skipped" if promoted is None else str(promoted).lower())
+                version = existing[0]
+
+            mv = client.get_model_version(cfg.model_name, version)
+            promoted: bool | None = None
+            if TAG_GATE in mv.tags:  # registration of this version completed before: keep its decision
+                reason = mv.tags.get(TAG_GATE_REASON, "")
+            else:
+                client.set_registered_model_alias(cfg.model_name, promote.CHALLENGER, version)
+                if cfg.promote:
+                    promoted, reason, _ = _gate(client, params, cfg.model_name, version, evaluation)
+                else:
+                    reason = "gate disabled (register.promote: false)"
+                client.set_model_version_tag(cfg.model_name, version, TAG_GATE_REASON, reason[:5000])
+                client.set_model_version_tag(cfg.model_name, version, TAG_GATE,
+                                             "skipped" if promoted is None else str(promoted).lower())
         champion = promote.alias_version(client, cfg.model_name, promote.CHAMPION)
         client.log_batch(run_id, metrics=[Metric("gate_promoted", float(bool(promoted)), tracking.now_ms(), 0)]
                          if promoted is not None else [],
@@ -304,9 +307,29 @@ def download_model(model_uri: str, params: Params, dst: Path) -> Path:
 
 
 def download_adapter(model_uri: str, params: Params, dst: Path) -> tuple[Path, dict]:
-    """Download a registered model (e.g. `models:/name@champion`); return (adapter folder, model config)."""
-    local = download_model(model_uri, params, dst)
-    return artifact_adapter_dir(local), model_config_of(local)
+    """Download a registered model (e.g. `models:/name@champion`); return (adapter folder, model config).
+
+    Raises ModelError when the downloaded adapter's bytes differ from the version's `adapter.sha256`
+    tag (a corrupted artifact store), before anything loads them.
+    """
+    from tasks.train import adapter_sha256
+
+    spec = model_uri.removeprefix("models:/")
+    c = tracking.client(params)
+    if "@" in spec:  # resolve the alias once, so the bytes are checked against the version downloaded
+        name, alias = spec.split("@", 1)
+        mv = c.get_model_version_by_alias(name, alias)
+    else:
+        name, version = spec.rsplit("/", 1)
+        mv = c.get_model_version(name, version)
+    local = download_model(f"models:/{name}/{mv.version}", params, dst)
+    adapter = artifact_adapter_dir(local)
+    expected, stored = mv.tags.get("adapter.sha256"), adapter_sha256(adapter)
+    if expected and stored != expected:
+        raise ModelError(f"{model_uri} (version {mv.version}): the stored adapter has sha256 {stored}, but the version "
+                         f"was registered with {expected}; the artifact store is corrupted. Restore the artifact from a "
+                         f"backup, or promote another version (`python -m tasks.promote promote VERSION`).")
+    return adapter, model_config_of(local)
 
 
 def load_peft(model_uri: str, params: Params, dst: Path):

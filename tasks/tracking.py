@@ -177,6 +177,57 @@ def mark_stale_runs(params: Params, mlflow_client=None) -> list[str]:
     return stale
 
 
+LOCK_SUFFIX = ".lock"  # registered model `<name>.lock` exists while a process registers into `<name>`
+TAG_LOCK_OWNER, TAG_LOCK_SINCE = "peftflow.lock.owner", "peftflow.lock.since"
+
+
+@contextlib.contextmanager
+def registry_lock(mlflow_client, name: str, stale_s: float = 900.0, timeout_s: float = 1800.0) -> Iterator[None]:
+    """Hold a mutex on registered model `name`, shared by every process and machine using the store.
+
+    Creating a registered model is atomic in every MLflow store (its name is unique), so whoever
+    creates `<name>.lock` holds the lock; its tags (set in the same request) name the owner. A
+    create whose answer was lost is recognised by the owner tag. A lock whose process on this host
+    is gone, or older than `stale_s`, is broken. Raises TrackingError after `timeout_s` of waiting.
+    """
+    import uuid
+
+    from mlflow.exceptions import MlflowException
+
+    lock, nonce = name + LOCK_SUFFIX, uuid.uuid4().hex
+    tags = {TAG_LOCK_OWNER: nonce, TAG_LOCK_SINCE: repr(time.time()), **_process_tags()}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            mlflow_client.create_registered_model(lock, tags=tags, description=f"held while registering into {name}")
+            break
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        try:
+            held = mlflow_client.get_registered_model(lock).tags
+        except MlflowException:
+            continue  # released meanwhile
+        if held.get(TAG_LOCK_OWNER) == nonce:
+            break  # our create went through; only its answer was lost
+        pid = held.get(TAG_PID, "")
+        dead = (held.get(TAG_HOST) == socket.gethostname() and pid.isdigit()
+                and not _process_alive(int(pid), held.get(TAG_PID_START)))
+        if dead or time.time() - float(held.get(TAG_LOCK_SINCE) or 0) > stale_s:
+            with contextlib.suppress(MlflowException):
+                mlflow_client.delete_registered_model(lock)
+            continue
+        if time.monotonic() > deadline:
+            raise TrackingError(f"registered model {lock} has been held for more than {timeout_s:.0f} s by process "
+                                f"{pid} on {held.get(TAG_HOST)}; if that process is gone, delete {lock} in MLflow")
+        time.sleep(0.2)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(MlflowException):
+            mlflow_client.delete_registered_model(lock)
+
+
 def start_run(params: Params, run_name: str | None = None, tags: dict[str, str] | None = None) -> str:
     """Create the pipeline's MLflow run (after cleaning up killed ones) and return its id."""
     c = client(params)
@@ -394,6 +445,7 @@ def _log_dataset(c, run_id: str, params: Params, run) -> None:
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
+    from mlflow.exceptions import MlflowException
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     ingest = read_report(params, "ingest") or {}
@@ -404,4 +456,14 @@ def _log_dataset(c, run_id: str, params: Params, run) -> None:
         return
     source = resolve_dataset_source(str(Path(params.root).resolve() / layout.RAW_DATA))
     dataset = MetaDataset(source=source, name=str(ingest.get("source") or layout.RAW_DATA.name), digest=md5)
-    c.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, "train")])])
+    inputs = [DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, "train")])]
+    for attempt in range(3):
+        try:
+            c.log_inputs(run_id, datasets=inputs)
+            return
+        except MlflowException as err:
+            # Two runs logging the same new data set at once race in the server's get-or-create of
+            # the dataset row (a unique-key violation); the retry finds the row the other one made.
+            if attempt == 2 or "unique" not in str(err).lower():
+                raise
+            time.sleep(0.5)
