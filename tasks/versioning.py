@@ -162,6 +162,9 @@ def push(root: Path, targets: Iterable[Path | str], remote: str | None = None) -
             raise DataError(f"{err}\n(or set ingest.remote in params.yaml)") from None
         except UploadError as err:
             raise DataError(f"dvc push to remote '{remote or 'default'}' failed: {err}") from None
+        except OSError as err:  # e.g. a local/NFS remote whose disk is gone, full or read-only
+            raise DataError(f"dvc push to remote '{remote or 'default'}' failed: {type(err).__name__}: {err}; "
+                            f"check that the remote is reachable and writable, then push again") from None
         missing = sorted(oid for oid in _object_ids(repo, _outs(repo, rels)) if not odb.exists(oid))
     if missing:
         raise DataError(
