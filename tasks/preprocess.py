@@ -55,6 +55,30 @@ class PreprocessResult:
     truncated_fraction: float
 
 
+def _check_recorded_md5(raw: Path) -> None:
+    """Refuse raw data whose bytes differ from the md5 its `.dvc` file records (when there is one):
+    a corrupted pull or checkout, or an edit made outside ingest, must not be trained on."""
+    import hashlib
+
+    import yaml
+
+    try:
+        outs = yaml.safe_load(raw.with_name(raw.name + ".dvc").read_text()).get("outs") or []
+    except (OSError, ValueError, AttributeError):
+        return
+    recorded = outs[0].get("md5") if len(outs) == 1 else None
+    if not recorded:
+        return
+    h = hashlib.md5()
+    with open(raw, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    if h.hexdigest() != recorded:
+        raise DataError(f"{raw} has md5 {h.hexdigest()}, but {raw.name}.dvc records {recorded}: the file was "
+                        f"corrupted or changed outside DVC. Restore it (`dvc checkout` / `dvc pull` from a remote "
+                        f"with `verify = true`) or re-run the ingest stage.")
+
+
 def run(params: Params) -> PreprocessResult:
     """Format, split and tokenise the raw data into data/processed/; see the module docstring."""
     import pandas as pd
@@ -66,6 +90,7 @@ def run(params: Params) -> PreprocessResult:
     raw = root / layout.RAW_DATA
     if not raw.is_file():
         raise DataError(f"{raw} not found; run the ingest stage first (`python -m tasks ingest`)")
+    _check_recorded_md5(raw)
     df = pd.read_parquet(raw)
     if len(df) == 0:
         raise DataError(f"{raw} has no rows; ingest a non-empty data set")
