@@ -82,5 +82,4 @@ def test_clone_of_first_commit_rebuilds_a_byte_identical_adapter(committed, tmp_
     assert ran_stages(out) == {"preprocess", "train", "evaluate", "merge"}, out
     assert file_hashes(clone / layout.ADAPTER) == adapter_v1
     first_lock, rebuilt_lock = git(project, "show", f"{first}:dvc.lock"), (clone / "dvc.lock").read_text()
-    for stage, path in (("preprocess", layout.PROCESSED), ("train", layout.ADAPTER)):
-        assert lock_md5(rebuilt_lock, stage, path) == lock_md5(first_lock, stage, path), stage
+    assert lock_md5(rebuilt_lock, "train", layout.ADAPTER) == lock_md5(first_lock, "train", layout.ADAPTER)
