@@ -175,9 +175,33 @@ _MLFLOW_IO = dict(cache_policy=NO_CACHE, retries=3, retry_delay_seconds=exponent
                   retry_jitter_factor=0.5, retry_condition_fn=_retry_unless_user_error, timeout_seconds=HOUR)
 
 
+def _crash_killed_flow_runs(params: Params, mlflow_run_ids: list[str]) -> None:
+    """Prefect leaves the flow run of a killed process RUNNING (nothing beats a heartbeat for it):
+    when its MLflow run was just found dead and marked KILLED, mark its Prefect flow run CRASHED."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    c = tracking.client(params)
+    with get_client(sync_client=True) as prefect:
+        for run_id in mlflow_run_ids:
+            flow_run_id = c.get_run(run_id).data.tags.get("prefect.flow_run_id")
+            if not flow_run_id:
+                continue
+            try:
+                state = prefect.read_flow_run(flow_run_id).state
+            except Exception:  # noqa: BLE001 - another server's or a deleted run: nothing to mark here
+                continue
+            if state is not None and not state.is_final():
+                prefect.set_flow_run_state(flow_run_id, Crashed(message=f"its process was gone (MLflow run {run_id} "
+                                                                        f"marked KILLED) when a later run started"),
+                                           force=True)
+                get_run_logger().warning("flow run %s was killed earlier: marked CRASHED", flow_run_id)
+
+
 @task(name="start-tracking", task_run_name="start-tracking · {params.register.experiment}", **_MLFLOW_IO)
 def start_tracking(params: Params) -> str:
     uri = tracking.check_reachable(params)
+    _crash_killed_flow_runs(params, tracking.mark_stale_runs(params))
     tags = _flow_run_tags()
     run_id = tracking.start_run(params, run_name=tags.get("prefect.flow_run_name"), tags=tags)
     get_run_logger().info("MLflow run %s in %s (experiment %s)", run_id, uri, params.register.experiment)
