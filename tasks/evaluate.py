@@ -164,66 +164,6 @@ def _key(pair: tuple[list[int], list[int]]) -> tuple:
     return tuple(pair[0]), tuple(pair[1])
 
 
-def shares_prompt_cache(model) -> bool:
-    """Whether continuations can reuse a prompt's key/value cache (prompt learning re-prepends
-    its virtual tokens on every call, so it cannot)."""
-    config = getattr(model, "active_peft_config", None)
-    return not (config is not None and config.is_prompt_learning)
-
-
-def label_nll(model, groups: list[list[tuple[list[int], list[int]]]], *, batch_size: int, pad_id: int, device,
-              desc: str) -> list[list[tuple[float, int]]]:
-    """`sequence_nll` of every (input_ids, labels) pair of each group, where a group holds one
-    prompt with each label name as the response.
-
-    The prompt is run once and its key/value cache serves all responses (about half the compute of
-    scoring every full sequence). Groups whose pairs do not share one prompt followed by a wholly
-    supervised response, and models that cannot reuse a cache, take the full-sequence path.
-    """
-    import torch
-
-    results: list = [None] * len(groups)
-    full: list[int] = []
-    with torch.no_grad(), _progress(len(groups), desc) as bar:
-        for r, pairs in enumerate(groups):
-            starts = [next((k for k, lab in enumerate(labels) if lab != -100), len(ids)) for ids, labels in pairs]
-            prompt = list(pairs[0][0][: starts[0]])
-            conts = [list(ids[s:]) for (ids, _), s in zip(pairs, starts)]
-            if (not shares_prompt_cache(model) or not prompt
-                    or any(list(ids[:s]) != prompt or list(labels[s:]) != list(ids[s:]) or s == len(ids)
-                           for (ids, labels), s in zip(pairs, starts))):
-                full.append(r)
-                bar.update(1)
-                continue
-            out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
-            first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
-            sums = [-float(first[c[0]]) for c in conts]
-            width = max(len(c) for c in conts) - 1
-            if width > 0:  # feed each response but its last token; position ids follow the cache length
-                cache = out.past_key_values
-                cache.batch_repeat_interleave(len(conts))
-                ids = torch.full((len(conts), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(conts), len(prompt) + width), dtype=torch.long)
-                mask[:, : len(prompt)] = 1
-                for j, c in enumerate(conts):
-                    ids[j, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
-                    mask[j, len(prompt) : len(prompt) + len(c) - 1] = 1
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=cache).logits
-                logp = torch.log_softmax(logits.float(), dim=-1)
-                for j, c in enumerate(conts):
-                    steps = torch.arange(len(c) - 1, device=logp.device)
-                    sums[j] -= float(logp[j, steps, torch.tensor(c[1:], device=logp.device)].sum())
-            results[r] = [(s, len(c)) for s, c in zip(sums, conts)]
-            bar.update(1)
-    if full:
-        flat = [pair for r in full for pair in groups[r]]
-        scored = iter(sequence_nll(model, flat, batch_size=batch_size, pad_id=pad_id, device=device,
-                                   desc=f"{desc} (full sequences)"))
-        for r in full:
-            results[r] = [next(scored) for _ in groups[r]]
-    return results
-
-
 def class_logits(model, seqs: list[list[int]], *, batch_size: int, pad_id: int, device, desc: str) -> np.ndarray:
     """[n, n_classes] float64 logits of a sequence-classification model."""
     import torch
@@ -357,8 +297,14 @@ def score(model, es: EvalSet, params: Params, tokenizer, label_names: list[str],
     else:
         known: dict[tuple, tuple[float, int]] = {}
         if es.label_pairs:
-            per_row = label_nll(model, es.label_pairs, batch_size=cfg.batch_size, pad_id=pad_id, device=device,
+            # Every (prompt, label name) pair as one full sequence, batched by length. A shared-prompt
+            # KV cache halves the FLOPs but runs one row at a time, which measured ~20x slower on a
+            # 2-core CPU (per-op overheads dominate at batch 1).
+            flat = sequence_nll(model, [pair for pairs in es.label_pairs for pair in pairs],
+                                batch_size=cfg.batch_size, pad_id=pad_id, device=device,
                                 desc=f"{which}: label log-likelihood")
+            n_labels = len(es.label_pairs[0])
+            per_row = [flat[k : k + n_labels] for k in range(0, len(flat), n_labels)]
             loglik = -np.array([[s for s, _ in row] for row in per_row])
             predicted = loglik.argmax(axis=1).tolist()
             known = {_key(pair): sc for pairs, row in zip(es.label_pairs, per_row) for pair, sc in zip(pairs, row)}

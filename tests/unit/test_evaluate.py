@@ -131,32 +131,6 @@ def test_loss_matches_model_loss_and_padding_is_exact(tiny: Params):
     assert evaluate.generate(model, prompts, batch_size=6, **kw) == evaluate.generate(model, prompts, batch_size=1, **kw)
 
 
-def test_prompt_cache_scoring_equals_full_sequences(tiny: Params):
-    """Label scoring through one shared prompt cache gives the full-sequence scores, for the base, a
-    LoRA adapter, and (through its fallback) prompt tuning; responses of different lengths."""
-    import torch
-    from peft import PeftModel
-
-    base = models.resolve(tiny.model)
-    tok = models.load_tokenizer(base)
-    test = evaluate.load_test_split(tiny)
-    names = ["no", "positive", "meh"]
-    groups = [[preprocess.encode_pair(tok, p, name, 512) for name in names] for p in test["prompt"][:3]]
-    groups.append([preprocess.encode_pair(tok, "short prompt", name, 512) for name in names])
-    kw = dict(batch_size=4, pad_id=tok.pad_token_id, device=torch.device("cpu"), desc="t")
-    lora = make_adapter(tiny, target=tiny.root / "lora")
-    prompt = make_adapter(tiny, method="prompt_tuning", target=tiny.root / "prompt")
-    for adapter in (None, lora, prompt):
-        model = models.load_model(base).eval()
-        if adapter is not None:
-            model = PeftModel.from_pretrained(model, str(adapter)).eval()
-        assert evaluate.shares_prompt_cache(model) == (adapter != prompt)
-        shared = evaluate.label_nll(model, groups, **kw)
-        full = evaluate.sequence_nll(model, [pair for g in groups for pair in g], **kw)
-        assert [n for row in shared for _, n in row] == [n for _, n in full]
-        assert [s for row in shared for s, _ in row] == pytest.approx([s for s, _ in full], abs=1e-4)
-
-
 def test_prompt_tuning_adapter_is_scored(tiny: Params):
     make_adapter(tiny, method="prompt_tuning")
     report = json.loads(json.dumps(evaluate.run(tiny).__dict__))
