@@ -7,6 +7,7 @@ without a traceback; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import os
@@ -48,6 +49,15 @@ def main(argv: list[str] | None = None) -> int:
         result = importlib.import_module(f"tasks.{args.stage}").run(params)
     except PeftflowError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        # A full disk or quota is the user's to fix, not a bug; outputs are written atomically, so
+        # the previous ones are still whole.
+        if err.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        print(f"error: {args.stage}: cannot write its outputs: {err.strerror or err} ({err.filename or 'an output file'})."
+              f" Free disk space (or raise the quota/file-size limit) and run it again; the previous outputs are "
+              f"unchanged.", file=sys.stderr)
         return 2
     if is_dataclass(result):
         print(json.dumps(asdict(result), indent=2, default=str))
