@@ -175,3 +175,30 @@ def test_text_format_has_loss_but_no_label_metrics(tmp_path: Path):
         assert which["accuracy"] is None and which["f1_macro"] is None and which["exact_match"] is None
     assert result.base["loss"] > 0 and result.lift["loss"] == result.adapter["loss"] - result.base["loss"]
     assert (params.root / layout.CONFUSION_MATRIX).read_bytes()[:4] == b"\x89PNG"  # placeholder, dvc.yaml names it
+
+
+def test_prompt_cache_scoring_equals_full_sequences(tiny: Params):
+    """Batched label scoring through a shared prompt cache (left padding, prompts of different
+    lengths, responses of different lengths) gives the full-sequence scores, for the base, a LoRA
+    adapter, and (through its fallback) prompt tuning."""
+    import torch
+    from peft import PeftModel
+
+    base = models.resolve(tiny.model)
+    tok = models.load_tokenizer(base)
+    test = evaluate.load_test_split(tiny)
+    names = ["no", "positive", "meh"]
+    groups = [[preprocess.encode_pair(tok, p, name, 512) for name in names] for p in test["prompt"][:3]]
+    groups.append([preprocess.encode_pair(tok, "short prompt", name, 512) for name in names])
+    kw = dict(batch_size=4, pad_id=tok.pad_token_id, device=torch.device("cpu"), desc="t")
+    lora = make_adapter(tiny, target=tiny.root / "lora")
+    prompt = make_adapter(tiny, method="prompt_tuning", target=tiny.root / "prompt")
+    for adapter in (None, lora, prompt):
+        model = models.load_model(base).eval()
+        if adapter is not None:
+            model = PeftModel.from_pretrained(model, str(adapter)).eval()
+        assert evaluate.shares_prompt_cache(model) == (adapter != prompt)
+        shared = evaluate.label_nll(model, groups, **kw)
+        full = evaluate.sequence_nll(model, [pair for g in groups for pair in g], **kw)
+        assert [n for row in shared for _, n in row] == [n for _, n in full]
+        assert [s for row in shared for s, _ in row] == pytest.approx([s for s, _ in full], abs=1e-4)
