@@ -128,8 +128,9 @@ def _progress(total: int, desc: str):
 
 
 def sequence_nll(model, seqs: list[tuple[list[int], list[int]]], *, batch_size: int, pad_id: int, device,
-                 desc: str) -> list[tuple[float, int]]:
-    """(sum of token NLL over labels != -100, number of such tokens) per (input_ids, labels) pair.
+                 desc: str) -> list[tuple[float, int, float]]:
+    """(sum of token NLL over labels != -100, number of such tokens, NLL of the last such token)
+    per (input_ids, labels) pair.
 
     Identical pairs are scored once. Logits are sliced to the last L positions because prompt
     learning methods prepend virtual tokens to the output.
@@ -138,7 +139,7 @@ def sequence_nll(model, seqs: list[tuple[list[int], list[int]]], *, batch_size: 
 
     unique = list(dict.fromkeys((tuple(i), tuple(lab)) for i, lab in seqs))
     order = sorted(range(len(unique)), key=lambda j: len(unique[j][0]))  # similar lengths share a batch
-    scores: dict[int, tuple[float, int]] = {}
+    scores: dict[int, tuple[float, int, float]] = {}
     with torch.no_grad(), _progress(len(unique), desc) as bar:
         for batch in _batches(order, batch_size):
             ids, mask = _right_pad([list(unique[j][0]) for j in batch], pad_id, device)
@@ -153,8 +154,10 @@ def sequence_nll(model, seqs: list[tuple[list[int], list[int]]], *, batch_size: 
             per_row = torch.zeros(len(batch), dtype=torch.float64, device=nll.device)
             per_row.index_add_(0, keep.nonzero()[:, 0], nll.double())
             counts = keep.sum(dim=1)
+            last = torch.zeros(len(batch), dtype=torch.float64, device=nll.device)
+            last[keep.nonzero()[:, 0]] = nll.double()  # row-major order: the last write is the last token
             for row, j in enumerate(batch):
-                scores[j] = (float(per_row[row]), int(counts[row]))
+                scores[j] = (float(per_row[row]), int(counts[row]), float(last[row]))
             bar.update(len(batch))
     index = {key: j for j, key in enumerate(unique)}
     return [scores[index[(tuple(i), tuple(lab))]] for i, lab in seqs]
@@ -187,7 +190,7 @@ def _prompt_and_responses(pairs) -> tuple[list[int], list[list[int]]] | None:
 
 
 def label_nll(model, groups: list[list[tuple[list[int], list[int]]]], *, batch_size: int, pad_id: int, device,
-              desc: str) -> list[list[tuple[float, int]]]:
+              desc: str) -> list[list[tuple[float, int, float]]]:
     """`sequence_nll` of every pair of each group, where a group holds one prompt with each label
     name as the response (all groups have the same number of pairs).
 
@@ -219,6 +222,7 @@ def label_nll(model, groups: list[list[tuple[list[int], list[int]]]], *, batch_s
                         use_cache=True)
             first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
             sums = [[-float(first[i, c[0]]) for c in row] for i, row in enumerate(conts)]
+            lasts = [list(row) for row in sums]  # NLL of each response's last token
             tail = max(len(c) for row in conts for c in row) - 1
             if tail > 0:  # feed each response but its last token, after the cached prompt
                 cache = out.past_key_values
@@ -237,9 +241,12 @@ def label_nll(model, groups: list[list[tuple[list[int], list[int]]]], *, batch_s
                 for i, row in enumerate(conts):
                     for j, c in enumerate(row):
                         steps = torch.arange(len(c) - 1, device=logp.device)
-                        sums[i][j] -= float(logp[i * n + j, steps, torch.tensor(c[1:], device=logp.device)].sum())
+                        token_nll = -logp[i * n + j, steps, torch.tensor(c[1:], device=logp.device)]
+                        sums[i][j] += float(token_nll.sum())
+                        if len(c) > 1:
+                            lasts[i][j] = float(token_nll[-1])
             for i, r in enumerate(batch):
-                results[r] = [(s, len(c)) for s, c in zip(sums[i], conts[i])]
+                results[r] = [(s, len(c), last) for s, c, last in zip(sums[i], conts[i], lasts[i])]
             bar.update(len(batch))
     if full:
         flat = sequence_nll(model, [pair for r in full for pair in groups[r]], batch_size=batch_size, pad_id=pad_id,
@@ -381,11 +388,13 @@ def score(model, es: EvalSet, params: Params, tokenizer, label_names: list[str],
             out["loss"] = float(-lp[torch.arange(len(labeled)), torch.tensor([es.labels[k] for k in labeled])].mean())
         outputs = [label_names[p] for p in predicted[: cfg.sample_predictions]]
     else:
-        known: dict[tuple, tuple[float, int]] = {}
+        known: dict[tuple, tuple[float, int, float]] = {}
         if es.label_pairs:
             per_row = label_nll(model, es.label_pairs, batch_size=cfg.batch_size, pad_id=pad_id, device=device,
                                 desc=f"{which}: label log-likelihood")
-            loglik = -np.array([[s for s, _ in row] for row in per_row])
+            # The verbalizer is the label name: its tokens, not the end-of-turn token that follows
+            # every label alike (which would reward whichever word the base expects to end a turn).
+            loglik = -np.array([[total - last if n > 1 else total for total, n, last in row] for row in per_row])
             predicted = loglik.argmax(axis=1).tolist()
             known = {_key(pair): sc for pairs, row in zip(es.label_pairs, per_row) for pair, sc in zip(pairs, row)}
         # A test row is usually its true label's pair, already scored above.
@@ -394,8 +403,8 @@ def score(model, es: EvalSet, params: Params, tokenizer, label_names: list[str],
             known.update(zip(map(_key, rest), sequence_nll(model, rest, batch_size=cfg.batch_size, pad_id=pad_id,
                                                             device=device, desc=f"{which}: loss")))
         nll = [known[_key(seq)] for seq in es.sequences]
-        tokens = sum(n for _, n in nll)
-        out["loss"] = sum(s for s, _ in nll) / tokens if tokens else None
+        tokens = sum(n for _, n, _ in nll)
+        out["loss"] = sum(s for s, _, _ in nll) / tokens if tokens else None
         if es.gen_prompts:
             outputs = generate(model, es.gen_prompts, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                                tokenizer=tokenizer, device=device, desc=f"{which}: generate")

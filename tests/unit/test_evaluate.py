@@ -115,15 +115,16 @@ def test_loss_matches_model_loss_and_padding_is_exact(tiny: Params):
             for k, r in enumerate(test.select(range(min(6, len(test)))))]
     kw = dict(pad_id=256, device=torch.device("cpu"), desc="t")
     batched = evaluate.sequence_nll(model, seqs, batch_size=6, **kw)
-    for (ids, labels), (nll, n) in zip(seqs, batched):
+    for (ids, labels), (nll, n, _) in zip(seqs, batched):
         with torch.no_grad():
             ref = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.item()
         assert n == sum(lab != -100 for lab in labels[1:])
         assert nll / n == pytest.approx(ref, abs=1e-5)
     one_by_one = evaluate.sequence_nll(model, seqs, batch_size=1, **kw)
     assert len({len(ids) for ids, _ in seqs}) > 1  # rows of different lengths: padding is exercised
-    assert [n for _, n in batched] == [n for _, n in one_by_one]
-    assert [s for s, _ in batched] == pytest.approx([s for s, _ in one_by_one], abs=1e-4)
+    assert [n for _, n, _ in batched] == [n for _, n, _ in one_by_one]
+    assert [s for s, _, _ in batched] == pytest.approx([s for s, _, _ in one_by_one], abs=1e-4)
+    assert [t for _, _, t in batched] == pytest.approx([t for _, _, t in one_by_one], abs=1e-4)
 
     tok = models.load_tokenizer(base)
     prompts = [ids[: labels.index(next(x for x in labels if x != -100))] for ids, labels in seqs]
@@ -200,5 +201,6 @@ def test_prompt_cache_scoring_equals_full_sequences(tiny: Params):
         assert evaluate.shares_prompt_cache(model) == (adapter != prompt)
         shared = evaluate.label_nll(model, groups, **kw)
         full = evaluate.sequence_nll(model, [pair for g in groups for pair in g], **kw)
-        assert [n for row in shared for _, n in row] == [n for _, n in full]
-        assert [s for row in shared for s, _ in row] == pytest.approx([s for s, _ in full], abs=1e-4)
+        assert [n for row in shared for _, n, _ in row] == [n for _, n, _ in full]
+        assert [s for row in shared for s, _, _ in row] == pytest.approx([s for s, _, _ in full], abs=1e-4)
+        assert [t for row in shared for _, _, t in row] == pytest.approx([t for _, _, t in full], abs=1e-4)
