@@ -11,7 +11,8 @@ Contract:
   data under the same path reruns); else run in-process, then recorded in dvc.lock with
   `dvc commit`, so after a flow `dvc status` is clean and `dvc repro` redoes nothing.
 - `start_tracking(params) -> run_id`: checks the MLflow store answers (before any training) and
-  creates the flow's MLflow run (tagged with the Prefect flow run id). Retried (I/O).
+  creates the flow's MLflow run (tagged with the Prefect flow run id). Runs of killed processes
+  are marked KILLED in MLflow and their Prefect flow runs CRASHED. Retried (I/O).
 - `register(params, run_id) -> RegisterResult`: logs the pipeline into that run, registers the
   adapter (no new version when this params + data + adapter is already registered), gate.
   Retried (I/O); `finish_tracking(params, run_id, status)` closes the run.
@@ -178,6 +179,8 @@ _MLFLOW_IO = dict(cache_policy=NO_CACHE, retries=3, retry_delay_seconds=exponent
 def _crash_killed_flow_runs(params: Params, mlflow_run_ids: list[str]) -> None:
     """Prefect leaves the flow run of a killed process RUNNING (nothing beats a heartbeat for it):
     when its MLflow run was just found dead and marked KILLED, mark its Prefect flow run CRASHED."""
+    if not mlflow_run_ids:
+        return
     from prefect.client.orchestration import get_client
     from prefect.states import Crashed
 
