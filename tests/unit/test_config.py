@@ -94,3 +94,14 @@ def test_repo_params_yaml_lists_every_key_and_loads():
         return out
 
     assert missing(Params, data, "") == []
+
+
+def test_seed_tutorial_is_expressible_as_params():
+    """shared/seed's LoRA recipe, as examples/seed-tutorial/params.yaml, validates and keeps its settings."""
+    from tasks.config import load_params
+
+    p = load_params(REPO / "examples" / "seed-tutorial" / "params.yaml")
+    lora = p.train.peft
+    assert (lora.method, lora.r, lora.alpha, lora.dropout, lora.target_modules) == ("lora", 8, 32.0, 0.05,
+                                                                                      ["q_proj", "v_proj"])
+    assert (p.train.global_batch_size, p.preprocess.max_length, p.preprocess.format) == (4, 128, "text")
