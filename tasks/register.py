@@ -225,13 +225,14 @@ def run(params: Params, run_id: str | None = None) -> RegisterResult:
         tracking.adopt_run(params, run_id)  # a re-run resuming a finished/failed run of the same pipeline
     try:
         client.set_tag(run_id, TAG_TOKEN, token)
-        tracking.log_pipeline(run_id, params)
-        lineage = client.get_run(run_id).data.tags
 
         # One registration of this model at a time (across processes and machines): twins of one
-        # pipeline run then find each other's version instead of both creating one (versions stay
-        # dense), and the gate's read-decide-move of `champion` cannot interleave with another's.
+        # pipeline run then find each other's points and version instead of both logging and creating
+        # them (no doubled curve, versions stay dense), and the gate's read-decide-move of
+        # `champion` cannot interleave with another's.
         with tracking.registry_lock(client, cfg.model_name):
+            tracking.log_pipeline(run_id, params)
+            lineage = client.get_run(run_id).data.tags
             existing = find_version(client, cfg.model_name, token)
             created = not existing
             if created:
