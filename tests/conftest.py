@@ -33,9 +33,9 @@ def deep_merge(base: dict, overrides: dict) -> dict:
 # Small, fast defaults for tests: tiny random model, few rows, few steps.
 TINY = {
     "model": {"base": "random:tiny"},
-    "preprocess": {"max_length": 64, "max_samples": 200},
+    "preprocess": {"max_length": 64, "max_samples": 200, "system_prompt": None},
     "train": {"max_steps": 4, "global_batch_size": 4, "micro_batch_size": 2, "save_steps": 2,
-              "learning_rate": 1.0e-3},
+              "learning_rate": 1.0e-3, "peft": {"last_layers": None}},
     "evaluate": {"max_samples": 16, "batch_size": 8, "generation_samples": 2, "sample_predictions": 4},
     "merge": {"parity_samples": 2},
 }

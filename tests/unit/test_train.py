@@ -62,6 +62,7 @@ def tiny_project(root: Path, train_overrides: dict | None = None, fmt: str = "in
     params = yaml.safe_load((Path(__file__).resolve().parents[2] / "params.yaml").read_text())
     params["model"]["base"] = base
     params["preprocess"]["format"] = fmt
+    params["train"]["peft"]["last_layers"] = None  # the tiny model has 2 layers
     params["train"].update({"max_steps": 4, "global_batch_size": 4, "micro_batch_size": 2, "save_steps": 2,
                             "learning_rate": 1.0e-3, "warmup_steps": 0, "lr_scheduler": "constant"})
     params["train"].update(train_overrides or {})
