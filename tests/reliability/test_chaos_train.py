@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -52,7 +53,7 @@ def test_ten_seeded_kills_and_a_flipped_checkpoint_end_byte_identical(tmp_path, 
     params = tiny_project(tmp_path / "p", PARAMS)
     root = params.parent
     survived = cut_saves = 0
-    flipped, kept = None, []
+    flipped, kept, exited = None, [], []
     for seed in SEEDS:
         rng = random.Random(seed)
         done = sealed(root)
@@ -79,6 +80,8 @@ def test_ten_seeded_kills_and_a_flipped_checkpoint_end_byte_identical(tmp_path, 
             proc.kill()
             proc.wait()
         survived += alive
+        if not alive:
+            exited.append((seed, mode, proc.returncode))
         cut_saves += any(not checkpoints.verify(c) for c in (root / layout.CHECKPOINTS).glob("*/checkpoint-*")
                          if c != flipped)
         assert not (root / layout.report("train")).exists(), f"seed {seed}: the run finished before the kill"
@@ -98,10 +101,14 @@ def test_ten_seeded_kills_and_a_flipped_checkpoint_end_byte_identical(tmp_path, 
     assert curve(root) == curve(reference)
     assert flipped is not None
     invariants.check(root=root, dvc=False).assert_ok()
-    print(f"FIGURE kills survived: {survived}/{len(SEEDS)} (a checkpoint left half-written: {cut_saves}); "
+    print(f"FIGURE kills survived: {survived}/{len(SEEDS)} (+{len(exited)} outside kills; "
+          f"a checkpoint left half-written: {cut_saves}); "
           f"flipped checkpoint {flipped.name} skipped; last resume from step {report['resumed_from_step']}; "
           f"final adapter byte-identical")
-    assert survived == len(SEEDS)
+    # A process that ended before its kill must not have failed on its own: only an outside SIGKILL
+    # (the OOM killer of a crowded CI machine) may beat ours; it is one more kill survived.
+    assert all(code == -signal.SIGKILL for *_, code in exited), f"(seed, mode, exit code): {exited}"
+    assert survived + len(exited) == len(SEEDS)
 
 
 def test_flipped_checkpoint_is_never_resumed(tmp_path):
