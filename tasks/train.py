@@ -358,8 +358,20 @@ def fit(params: Params):
     tokens_before = 0
     if resume is not None:
         tokens_before = json.loads((resume / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0)
-    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    state = trainer.state
+    if resume is not None and checkpoints.step_of(resume) >= cfg.max_steps:
+        # Killed after its last checkpoint was sealed: nothing is left to train, and Trainer
+        # resumed at max_steps would take one step too many. The sealed checkpoint is the result.
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+        from transformers import TrainerState
+
+        set_peft_model_state_dict(model, load_file(str(resume / "adapter_model.safetensors")))
+        state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+        loop_seconds = 0.0
+    else:
+        output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        state = trainer.state
+        loop_seconds = output.metrics["train_runtime"]
 
     adapter = root / layout.ADAPTER
     save_kwargs = {"path_initial_model_for_weight_conversion": str(initial)} if initial else {}
@@ -390,7 +402,7 @@ def fit(params: Params):
         "total_params": int(total),
         "wall_seconds": wall,
         # training loop only (no model load), over the steps this process ran
-        "seconds_per_step": output.metrics["train_runtime"] / max(
+        "seconds_per_step": loop_seconds / max(
             1, state.global_step - (checkpoints.step_of(resume) if resume else 0)),
         "peak_memory_bytes": peak,
         "peak_memory_kind": peak_kind,

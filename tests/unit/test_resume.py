@@ -97,3 +97,19 @@ def test_rerun_of_a_finished_run_does_not_train(reference):
     before = (reference / layout.report("train")).read_bytes()
     finish(reference / "params.yaml")
     assert (reference / layout.report("train")).read_bytes() == before  # skipped: report untouched
+
+
+def test_killed_after_the_last_checkpoint_finishes_without_training(tmp_path, reference):
+    """A kill after the final checkpoint is sealed but before the outputs are written: the rerun
+    takes the sealed checkpoint as the result (no extra step) and ends byte-identical."""
+    params = tiny_project(tmp_path / "p", RESUME_PARAMS)
+    root = params.parent
+    finish(params)
+    for output in (root / layout.ADAPTER, root / layout.report("train")):
+        subprocess.run(["rm", "-rf", str(output)], check=True)
+    finish(params)
+    report = json.loads((root / layout.report("train")).read_text())
+    assert report["steps"] == RESUME_PARAMS["max_steps"]
+    assert report["resumed_from_step"] == RESUME_PARAMS["max_steps"]
+    assert adapter_bytes(root) == adapter_bytes(reference)
+    assert curve(root) == curve(reference)
