@@ -63,7 +63,10 @@ def verify(checkpoint: Path) -> bool:
         return False
     if not isinstance(listed, dict) or not listed:
         return False
-    return tree_sha256(checkpoint, exclude=frozenset({MANIFEST})) == listed
+    try:
+        return tree_sha256(checkpoint, exclude=frozenset({MANIFEST})) == listed
+    except FileNotFoundError:  # being deleted (rotation, or a resume discarding it) as we read it
+        return False
 
 
 def step_of(checkpoint: Path) -> int:

@@ -12,13 +12,12 @@ import json
 import random
 import signal
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from test_resume import curve, finish, kill_when, launch  # noqa: E402
+from test_resume import curve, finish, kill_when, launch, started, wait_until  # noqa: E402
 from test_train import adapter_bytes, tiny_project  # noqa: E402
 
 import invariants  # noqa: E402
@@ -60,22 +59,20 @@ def test_ten_seeded_kills_and_a_flipped_checkpoint_end_byte_identical(tmp_path, 
         next_step = (checkpoints.step_of(done[-1]) if done else 0) + rng.randint(1, 2)
         proc = launch(params)
         mode = rng.choice(["inside-save", "after-save", "anytime"])
+        # Every kill lands before checkpoint-<next_step + 1> starts, whatever the machine's speed: a
+        # blow advances the run by at most two sealed steps, so ten blows never reach max_steps.
         if mode == "anytime":  # imports, model load, data loading or the first steps: wherever the clock says
-            deadline = time.monotonic() + rng.uniform(0.3, 4.0)
-            while proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_until(proc, lambda: started(root, next_step + 1), rng.uniform(0.3, 4.0))
             alive = proc.poll() is None
             proc.kill()
             proc.wait()
         elif mode == "inside-save":  # as soon as the checkpoint folder appears
             alive = True
             kill_when(proc, root, next_step, 0.0)
-        else:  # once the checkpoint is sealed, somewhere in the following step(s) or save
-            deadline = time.monotonic() + 300
-            while proc.poll() is None and time.monotonic() < deadline and not any(
-                    checkpoints.verify(c) for c in (root / layout.CHECKPOINTS).glob(f"*/checkpoint-{next_step}")):
-                time.sleep(0.005)
-            time.sleep(rng.uniform(0, 1.0))
+        else:  # once the checkpoint is sealed, somewhere in the following step or save
+            wait_until(proc, lambda: any(checkpoints.verify(c) for c in
+                                         (root / layout.CHECKPOINTS).glob(f"*/checkpoint-{next_step}")), 300)
+            wait_until(proc, lambda: started(root, next_step + 1), rng.uniform(0, 1.0))
             alive = proc.poll() is None
             proc.kill()
             proc.wait()

@@ -39,14 +39,24 @@ def curve(root: Path) -> list[tuple[str, ...]]:
         return [(r["step"], r["loss"], r["learning_rate"], r["grad_norm"]) for r in csv.DictReader(f)]
 
 
-def kill_when(proc: subprocess.Popen, root: Path, step: int, extra_delay: float) -> bool:
-    """SIGKILL once checkpoint-<step> starts to appear (+ extra_delay s). Returns True if a save was cut."""
-    deadline = time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline:
-        if any((root / layout.CHECKPOINTS).glob(f"*/checkpoint-{step}")):
-            time.sleep(extra_delay)
-            break
+def started(root: Path, step: int) -> bool:
+    """True once the folder of checkpoint-<step> exists (its save has begun)."""
+    return any((root / layout.CHECKPOINTS).glob(f"*/checkpoint-{step}"))
+
+
+def wait_until(proc: subprocess.Popen, done, timeout: float) -> None:
+    """Poll until `done()` holds, the process exits or `timeout` s pass."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline and not done():
         time.sleep(0.0005)
+
+
+def kill_when(proc: subprocess.Popen, root: Path, step: int, extra_delay: float) -> bool:
+    """SIGKILL once checkpoint-<step> starts to appear, `extra_delay` s later at most: never after
+    checkpoint-<step+1> starts to appear, so a fast machine cannot run past the kill.
+    Returns True if a save was cut."""
+    wait_until(proc, lambda: started(root, step), 300)
+    wait_until(proc, lambda: started(root, step + 1), extra_delay)
     proc.kill()
     proc.wait()
     return any(not checkpoints.verify(c) for c in (root / layout.CHECKPOINTS).glob("*/checkpoint-*"))
