@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
               f" Free disk space (or raise the quota/file-size limit) and run it again; the previous outputs are "
               f"unchanged.", file=sys.stderr)
         return 2
-    if is_dataclass(result):
+    if is_dataclass(result) and "WORLD_SIZE" not in os.environ:  # a training worker: its launcher prints
         print(json.dumps(asdict(result), indent=2, default=str))
     return 0
 

@@ -3,16 +3,16 @@
 Contract: `check_adapter` returns the folder's PeftConfig after checking it is complete
 (adapter_config.json + safetensors weights) and was made for the resolved base model;
 `attach_adapter` loads it on top of a base model in eval mode; `check_finite` refuses NaN/inf
-weights; `adapter_sha256` identifies an adapter (weights + config). Every problem is a ModelError
-that names the folder and what to do.
+weights; `adapter_sha256` identifies an adapter folder (every file: weights, config, tokenizer) and
+is the one digest train.json, merge.json, MLflow tags and the registry all record. Every problem
+is a ModelError that names the folder and what to do.
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
-from tasks import models
+from tasks import checkpoints, models
 from tasks.errors import ModelError
 
 
@@ -59,10 +59,8 @@ def attach_adapter(model, adapter_dir: Path, base: models.BaseModel):
 
 
 def adapter_sha256(adapter_dir: Path) -> str:
-    """Identity of an adapter: its weights and its config (scaling lives in the config)."""
-    config = (adapter_dir / "adapter_config.json").read_bytes()
-    text = f"weights:{models.weights_sha256(adapter_dir)}\nconfig:{hashlib.sha256(config).hexdigest()}\n"
-    return hashlib.sha256(text.encode()).hexdigest()
+    """sha256 over the sorted (name, sha256) of every file of the adapter folder."""
+    return checkpoints.combined_sha256(checkpoints.tree_sha256(adapter_dir))
 
 
 def check_finite(adapter_dir: Path) -> None:

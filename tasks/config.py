@@ -167,19 +167,36 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto` = CUDA if available, else CPU.")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="`auto` = bf16 on CUDA, fp32 on CPU.")
     fast_path: bool = Field(True, description="On CUDA, use the fast training path (see docs/benchmarks.md).")
+    devices: int | Literal["auto"] = Field(
+        1, description="Training processes on this host, one per device (DDP under torchrun); `auto` = every "
+        "visible GPU (1 on CPU). CPU training with N > 1 runs N processes over gloo.",
+    )
+
+    @field_validator("devices")
+    @classmethod
+    def _devices_positive(cls, v: int | str) -> int | str:
+        if v != "auto" and v < 1:
+            raise ValueError("must be at least 1, or auto")
+        return v
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainConfig:
-        if self.global_batch_size % self.micro_batch_size:
+        per_step = self.micro_batch_size * (self.devices if isinstance(self.devices, int) else 1)
+        if self.global_batch_size % per_step:
             raise ValueError(
-                f"global_batch_size ({self.global_batch_size}) must be a multiple of "
-                f"micro_batch_size ({self.micro_batch_size})"
+                f"global_batch_size ({self.global_batch_size}) must be a multiple of micro_batch_size "
+                f"({self.micro_batch_size}) x devices ({self.devices})"
             )
         return self
 
-    @property
-    def gradient_accumulation_steps(self) -> int:
-        return self.global_batch_size // self.micro_batch_size
+    def gradient_accumulation_steps(self, world: int = 1) -> int:
+        """Micro-batches each of `world` processes accumulates per optimizer step; ConfigError if the
+        global batch does not split evenly (checked here too because `devices: auto` resolves late)."""
+        per_step = self.micro_batch_size * world
+        if self.global_batch_size % per_step:
+            raise ConfigError(f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                              f"train.micro_batch_size ({self.micro_batch_size}) x {world} devices")
+        return self.global_batch_size // per_step
 
 
 class EvaluateConfig(Section):
@@ -246,6 +263,7 @@ class Params(Section):
 
     root: Path = Field(Path("."), exclude=True, description="Project root (folder of the params file).")
     sha256: str = Field("", exclude=True, description="sha256 of the params file bytes.")
+    path: Path | None = Field(None, exclude=True, description="The params file (None if not read from one).")
 
 
 def _format_error(err: ValidationError, source: str) -> str:
@@ -264,14 +282,15 @@ def _format_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def parse_params(data: Any, *, root: Path = Path("."), source: str = "params", sha256: str = "") -> Params:
+def parse_params(data: Any, *, root: Path = Path("."), source: str = "params", sha256: str = "",
+                 path: Path | None = None) -> Params:
     """Validate an already-parsed mapping. Raises ConfigError naming each bad key path."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
     try:
-        return Params.model_validate({**data, "root": root, "sha256": sha256})
+        return Params.model_validate({**data, "root": root, "sha256": sha256, "path": path})
     except ValidationError as err:
         raise ConfigError(_format_error(err, source)) from None
 
@@ -292,7 +311,8 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err)
         raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
-    return parse_params(data, root=path.resolve().parent, source=str(path), sha256=hashlib.sha256(raw).hexdigest())
+    return parse_params(data, root=path.resolve().parent, source=str(path), sha256=hashlib.sha256(raw).hexdigest(),
+                        path=path.resolve())
 
 
 def flatten(params: Params) -> dict[str, Any]:

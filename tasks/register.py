@@ -65,7 +65,7 @@ def _require(params: Params, stage: str) -> dict:
 def adapter_digest(params: Params, train: dict) -> str:
     """sha256 of models/adapter/ (every file: weights, config, tokenizer; the train stage's
     definition), checked against what the train stage recorded."""
-    from tasks.train import adapter_sha256
+    from tasks.adapters import adapter_sha256
 
     folder = Path(params.root) / layout.ADAPTER
     if not (folder / "adapter_config.json").is_file():
@@ -175,7 +175,7 @@ def _create_version(client, params: Params, run_id: str, name: str, tags: dict, 
 def _verify_stored(params: Params, name: str, version: str, adapter_sha: str) -> None:
     """Download the version and check that its adapter folder hashes to what was trained."""
     with tempfile.TemporaryDirectory() as tmp:
-        from tasks.train import adapter_sha256
+        from tasks.adapters import adapter_sha256
 
         local = download_model(f"models:/{name}/{version}", params, Path(tmp))
         stored = adapter_sha256(artifact_adapter_dir(local))
@@ -313,7 +313,7 @@ def download_adapter(model_uri: str, params: Params, dst: Path) -> tuple[Path, d
     Raises ModelError when the downloaded adapter's bytes differ from the version's `adapter.sha256`
     tag (a corrupted artifact store), before anything loads them.
     """
-    from tasks.train import adapter_sha256
+    from tasks.adapters import adapter_sha256
 
     spec = model_uri.removeprefix("models:/")
     c = tracking.client(params)

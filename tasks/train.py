@@ -25,7 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks import atomic, checkpoints, layout, models, peft_methods
+from tasks import atomic, checkpoints, distributed, layout, models, peft_methods
+from tasks.adapters import adapter_sha256
 from tasks.config import Params, TrainConfig
 from tasks.errors import ConfigError, DataError, ModelError, TrainingError
 
@@ -112,11 +113,6 @@ def data_sha256(folder: Path) -> str:
     )
 
 
-def adapter_sha256(folder: Path) -> str:
-    """sha256 over the sorted (name, sha256) of every file of the adapter folder."""
-    return checkpoints.combined_sha256(checkpoints.tree_sha256(folder))
-
-
 def _finished(params: Params, fp: str) -> dict | None:
     """The train report if models/adapter already holds the adapter for this fingerprint."""
     report, adapter = params.root / layout.report("train"), params.root / layout.ADAPTER
@@ -162,7 +158,11 @@ def _trainer_class():
         """on_save runs after the Trainer has written the whole checkpoint: seal it with a manifest."""
 
         def on_save(self, args, state, control, **kwargs):
-            checkpoints.write_manifest(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            rank, world = distributed.worker()
+            if world > 1:  # every rank writes its own RNG state into the checkpoint: seal after all did
+                torch.distributed.barrier()
+            if rank == 0:
+                checkpoints.write_manifest(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
     class AdaLoraBudget(TrainerCallback):
         """AdaLoRA reallocates ranks from the gradients, between optimizer.step() and zero_grad()."""
@@ -234,8 +234,22 @@ def _peak_memory(device: str) -> tuple[int, str]:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process_max_rss"
 
 
-def run(params: Params) -> TrainResult:
-    """Train (or resume, or skip) the adapter; see the module docstring for reads/writes/raises."""
+def run(params: Params) -> TrainResult | None:
+    """Train (or resume, or skip) the adapter; see the module docstring for reads/writes/raises.
+
+    With `train.devices` > 1 this process launches the workers (tasks/distributed.py) and returns
+    what rank 0 reported; inside a worker, ranks other than 0 return None (rank 0 writes the outputs).
+    """
+    world = distributed.world_size(params.train, resolve_device(params.train))
+    if world > 1 and distributed.worker()[1] == 1:
+        report_path = params.root / layout.report("train")
+        before = report_path.read_bytes() if report_path.is_file() else None
+        distributed.launch(params, world)
+        raw = report_path.read_bytes()
+        done = json.loads(raw)
+        return TrainResult(str(params.root / layout.ADAPTER), done["fingerprint"], done["steps"], done["final_loss"],
+                           done["tokens_trained"], done["wall_seconds"], done["adapter_sha256"],
+                           done["resumed_from_step"], skipped=raw == before)
     return fit(params)[0]
 
 
@@ -249,7 +263,9 @@ def fit(params: Params):
     classification = label_names is not None
     base = models.resolve(params.model)
 
+    rank, world = distributed.worker()
     fp = checkpoints.fingerprint({
+        "world_size": world,  # summation order across processes shapes the last bits of the weights
         "model": params.model.model_dump(mode="json"),
         "preprocess": params.preprocess.model_dump(mode="json"),
         "train": cfg.model_dump(mode="json"),
@@ -268,10 +284,11 @@ def fit(params: Params):
     from transformers import TrainingArguments, set_seed
 
     started = time.perf_counter()
-    atomic.clean_stale((root / layout.ADAPTER).parent)
-    checkpoints.prune_other_runs(root / layout.CHECKPOINTS, keep=fp)
     run_dir = root / layout.CHECKPOINTS / fp
-    resume = checkpoints.latest_valid(run_dir)
+    with distributed.exclusive(root / layout.CHECKPOINTS):  # several ranks: the first one deletes
+        atomic.clean_stale((root / layout.ADAPTER).parent)
+        checkpoints.prune_other_runs(root / layout.CHECKPOINTS, keep=fp)
+        resume = checkpoints.latest_valid(run_dir)
 
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     load_kwargs = {}
@@ -307,7 +324,8 @@ def fit(params: Params):
     initial = None
     if peft_methods.needs_weight_conversion(cfg.peft):
         initial = run_dir / INITIAL_ADAPTER
-        _save_initial_adapter(model, initial)
+        with distributed.exclusive(root / layout.CHECKPOINTS):
+            _save_initial_adapter(model, initial)
 
     keep = ["input_ids", "label"] if classification else ["input_ids", "labels"]
     train_set = data["train"].select_columns(keep)
@@ -323,7 +341,7 @@ def fit(params: Params):
         output_dir=str(run_dir),
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.micro_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps(world),
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=warmup,
@@ -347,6 +365,7 @@ def fit(params: Params):
         use_cpu=device == "cpu",
         bf16=dtype_name == "bf16",
         dataloader_num_workers=0,
+        **({"ddp_backend": "gloo"} if world > 1 and device == "cpu" else {}),
     )
     args = TrainingArguments(**{**extra_args, **own_args})  # the fast path adds options; it never overrides ours
     trainer_cls, manifest_cb, adalora_cb = _trainer_class()
@@ -372,6 +391,8 @@ def fit(params: Params):
         output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         state = trainer.state
         loop_seconds = output.metrics["train_runtime"]
+    if rank != 0:  # the trained weights are identical on every rank; rank 0 writes them
+        return None, model
 
     adapter = root / layout.ADAPTER
     save_kwargs = {"path_initial_model_for_weight_conversion": str(initial)} if initial else {}

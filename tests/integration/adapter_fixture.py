@@ -15,7 +15,7 @@ from conftest import make_project  # noqa: E402
 
 from tasks import atomic, layout, models  # noqa: E402
 from tasks.config import load_params  # noqa: E402
-from tasks.train import adapter_sha256  # noqa: E402
+from tasks.adapters import adapter_sha256  # noqa: E402
 
 PROMPTS = ["Review: a fine film\nIs this review positive or negative?", "Review: dull\nIs it good?", "hello world"]
 

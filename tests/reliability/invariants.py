@@ -71,7 +71,7 @@ def _check_registry(report: Report, client, tracking_uri: str, name: str, *, den
     from mlflow.exceptions import MlflowException
 
     from tasks import register
-    from tasks.train import adapter_sha256
+    from tasks.adapters import adapter_sha256
 
     try:
         model = client.get_registered_model(name)

@@ -30,7 +30,7 @@ from flow_project import write_reviews  # noqa: E402
 from tasks import atomic, layout, models  # noqa: E402
 from tasks.config import load_params  # noqa: E402
 from tasks.errors import ConfigError, DataError, ModelError, PeftflowError  # noqa: E402
-from tasks.train import adapter_sha256  # noqa: E402
+from tasks.adapters import adapter_sha256  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

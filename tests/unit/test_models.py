@@ -42,3 +42,17 @@ def test_local_folder_without_safetensors_is_refused(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(ModelError, match="only safetensors"):
         models.resolve(ModelConfig(base=str(tmp_path)))
+
+
+def test_pyfunc_weights_hash_stays_the_same_definition_as_models(tmp_path):
+    """tasks/adapter_pyfunc.py runs standalone inside MLflow, so it carries its own copy of
+    weights_sha256; the copy must give the digest the registry recorded with models.weights_sha256."""
+    from safetensors.torch import save_file
+    import torch
+
+    from tasks import adapter_pyfunc, models
+
+    save_file({"a": torch.arange(6.0).reshape(2, 3)}, str(tmp_path / "adapter_model.safetensors"))
+    save_file({"b": torch.ones(4)}, str(tmp_path / "extra.safetensors"))
+    (tmp_path / "adapter_config.json").write_text("{}")  # not weights: in neither digest
+    assert adapter_pyfunc.weights_sha256(tmp_path) == models.weights_sha256(tmp_path)
