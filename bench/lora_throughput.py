@@ -175,7 +175,7 @@ def run_one(cfg: dict, warmup: int, out_dir: Path) -> dict:
 
     sys.path.insert(0, str(REPO))
     from tasks import fastpath, models
-    from tasks.config import TrainConfig
+    from tasks.config import FastPathConfig
 
     config = models.random_config(cfg["shape"])
     torch.manual_seed(0)
@@ -194,8 +194,7 @@ def run_one(cfg: dict, warmup: int, out_dir: Path) -> dict:
     extra: dict = {}
     applied: tuple = ()
     if cfg["path"] == "fast":
-        options = fastpath.FastPathOptions(**cfg["fast"])
-        model, collator, extra = fastpath.prepare(model, collator, TrainConfig(fast_path=True), options)
+        model, collator, extra = fastpath.prepare(model, collator, FastPathConfig(**cfg["fast"]))
         applied = model.peftflow_fast_path
     counting = CountingCollator(collator)
 

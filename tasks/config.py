@@ -146,6 +146,20 @@ class PeftConfig(Section):
     quantize_4bit: bool = Field(False, description="QLoRA: load the base in 4-bit (bitsandbytes, CUDA only).")
 
 
+class FastPathConfig(Section):
+    """The CUDA fast training path (tasks/fastpath.py, figures in docs/benchmarks.md): each technique
+    can be switched off alone; the defaults are what the benchmark showed to pay. Not used on CPU."""
+
+    enabled: bool = Field(True, description="Use the fast path on CUDA (false = plain HF Trainer + peft).")
+    packing: bool = Field(True, description="Padding-free batches with per-document varlen attention (causal LMs).")
+    liger: bool = Field(True, description="Liger kernels: RMSNorm, RoPE, SwiGLU, fused linear cross-entropy.")
+    adapter_input_cast: bool = Field(
+        False, description="Keep peft's fp32 upcast of LoRA inputs (false = adapters run on bf16 activations).")
+    fused_lora: bool = Field(True, description="LoRA update as one addmm into the base layer's output.")
+    fused_adamw: bool = Field(True, description="Fused AdamW (`adamw_torch_fused`).")
+    compile: bool = Field(False, description="torch.compile the model (slower here: see docs/benchmarks.md).")
+
+
 class TrainConfig(Section):
     """Optimisation and checkpointing of the `train` stage."""
 
@@ -166,11 +180,17 @@ class TrainConfig(Section):
     logging_steps: int = Field(1, ge=1, description="Write the per-step log every N steps.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto` = CUDA if available, else CPU.")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="`auto` = bf16 on CUDA, fp32 on CPU.")
-    fast_path: bool = Field(True, description="On CUDA, use the fast training path (see docs/benchmarks.md).")
+    fast_path: FastPathConfig = Field(
+        FastPathConfig(), description="CUDA speed-ups, each switchable; `fast_path: false` turns all off.")
     devices: int | Literal["auto"] = Field(
         1, description="Training processes on this host, one per device (DDP under torchrun); `auto` = every "
         "visible GPU (1 on CPU). CPU training with N > 1 runs N processes over gloo.",
     )
+
+    @field_validator("fast_path", mode="before")
+    @classmethod
+    def _fast_path_switch(cls, v: Any) -> Any:
+        return {"enabled": v} if isinstance(v, bool) else v  # `fast_path: true|false` is the short form
 
     @field_validator("devices")
     @classmethod

@@ -1,10 +1,10 @@
 """The fast LoRA training path on CUDA: padding-free packing with per-document attention, Liger
 kernels, no fp32 upcasts of adapter inputs, fused AdamW.
 
-Contract (called by tasks/train.py on CUDA when `train.fast_path` is true, after the PEFT model is
-built and before the Trainer is):
+Contract (called by tasks/train.py on CUDA when `train.fast_path.enabled` is true, after the PEFT
+model is built and before the Trainer is):
 
-    model, collator, trainer_kwargs = fastpath.prepare(model, collator, params.train)
+    model, collator, trainer_kwargs = fastpath.prepare(model, collator, params.train.fast_path)
 
 - `model` is the (PEFT-wrapped) causal LM; it is patched in place and returned.
 - `collator` is the collator train.py would use otherwise; for a causal LM with packing on, a
@@ -14,7 +14,7 @@ built and before the Trainer is):
 
 What each technique buys and costs is measured in docs/benchmarks.md (bench/lora_throughput.py).
 Nothing here changes the CPU path: `prepare` raises TrainingError when called without CUDA unless
-`options.allow_cpu` (used by tests, which exercise the packing maths on CPU).
+`allow_cpu=True` (used by tests, which exercise the packing maths on CPU).
 
 Numerics: packed batches compute the same per-document causal attention and the same token-mean
 loss as right-padded batches (tests/unit/test_fastpath_cpu.py checks equality on random:tiny;
@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import inspect
 import logging
-from dataclasses import dataclass
 from typing import Any
 
+from tasks.config import FastPathConfig
 from tasks.errors import TrainingError
 
 log = logging.getLogger(__name__)
@@ -38,19 +38,6 @@ IGNORE_INDEX = -100
 # are (flash-attn's GQA); tests/gpu/test_fastpath.py checks this against per-document SDPA.
 # False = repeat the KV heads first (a copy per layer).
 _NATIVE_GQA_STATE = [True]
-
-
-@dataclass(frozen=True)
-class FastPathOptions:
-    """Switches for each technique; defaults are what the benchmark showed to pay."""
-
-    packing: bool = True  # padding-free batches + per-document varlen attention (causal LMs)
-    liger: bool = True  # Liger kernels: RMSNorm, RoPE, SwiGLU, fused linear cross-entropy
-    adapter_input_cast: bool = False  # peft's fp32 upcast of LoRA inputs (off = keep bf16 activations)
-    fused_lora: bool = True  # LoRA update as one addmm into the base output (no scale/add passes)
-    fused_adamw: bool = True  # optim="adamw_torch_fused"
-    compile: bool = False  # TrainingArguments(torch_compile=True); see docs/benchmarks.md
-    allow_cpu: bool = False  # tests only: run the packing path on CPU (per-document SDPA loop)
 
 
 # ----------------------------------------------------------------------------- packing
@@ -286,20 +273,20 @@ def _fuse_lora(model) -> int:
     return n
 
 
-def prepare(model, collator, train_cfg, options: FastPathOptions | None = None):
+def prepare(model, collator, options: FastPathConfig, *, allow_cpu: bool = False):
     """Patch `model` for fast LoRA training; return (model, collator, trainer_kwargs).
 
-    Reads `train_cfg.fast_path` (returns everything unchanged when false). Raises TrainingError
-    on a machine without CUDA (unless options.allow_cpu) and for a model whose attention cannot
-    be packed (options.packing with a non-causal-LM head is skipped, not an error).
+    `options` is `train.fast_path` (everything is returned unchanged when `enabled` is false).
+    Raises TrainingError on a machine without CUDA (`allow_cpu`: tests run the packing path on CPU
+    through a per-document SDPA loop). Packing a model that cannot be packed (not a causal LM) is
+    skipped, not an error.
     The techniques applied are recorded in `model.peftflow_fast_path` (a tuple of names).
     """
     import torch
 
-    options = options or FastPathOptions()
-    if not getattr(train_cfg, "fast_path", True):
+    if not options.enabled:
         return model, collator, {}
-    if not torch.cuda.is_available() and not options.allow_cpu:
+    if not torch.cuda.is_available() and not allow_cpu:
         raise TrainingError("train.fast_path needs CUDA; set train.fast_path: false or train.device: cuda")
     base = _base_model(model)
     applied: list[str] = []

@@ -331,10 +331,10 @@ def fit(params: Params):
     train_set = data["train"].select_columns(keep)
     collator = _collator(tokenizer, classification)
     extra_args: dict = {}
-    if device == "cuda" and cfg.fast_path:
+    if device == "cuda" and cfg.fast_path.enabled:
         from tasks import fastpath  # GPU-only speed-ups (packing, fused kernels); never taken on CPU
 
-        model, collator, extra_args = fastpath.prepare(model, collator, cfg)
+        model, collator, extra_args = fastpath.prepare(model, collator, cfg.fast_path)
 
     warmup = cfg.warmup_steps if cfg.warmup_steps < 1 else int(cfg.warmup_steps)
     own_args = dict(

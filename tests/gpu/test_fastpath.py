@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tasks import fastpath, models
-from tasks.config import TrainConfig
+from tasks.config import FastPathConfig
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -72,7 +72,7 @@ def test_packed_fast_path_matches_padded_baseline():
     ref_grads = {n: p.grad.clone() for n, p in base.named_parameters() if p.requires_grad}
     del base
 
-    fast, collator, kwargs = fastpath.prepare(build(), None, TrainConfig(fast_path=True))
+    fast, collator, kwargs = fastpath.prepare(build(), None, FastPathConfig())
     assert kwargs.get("optim") == "adamw_torch_fused"
     batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in collator(feats).items()}
     with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -136,7 +136,7 @@ def test_gate_champion_rollback_and_manual_moves(tmp_path):
         # a new pipeline run: a new adapter in the same project and store
         from adapter_fixture import build_adapter
         from tasks import atomic, layout
-        from tasks.train import adapter_sha256
+        from tasks.adapters import adapter_sha256
 
         model, tok = build_adapter(params, seed)
         with atomic.directory(root / layout.ADAPTER) as tmp:

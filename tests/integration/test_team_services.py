@@ -1,4 +1,5 @@
-"""The team backends for real: MLflow on PostgreSQL with S3 (moto) artifacts, and DVC on S3.
+"""The team backends for real: MLflow on PostgreSQL with S3 (moto) artifacts, DVC on S3, a
+Prefect server on PostgreSQL, and the finetune flow run against all of them together.
 
 Services start once for this module (tests/integration/services.py) on 127.0.0.1.
 """
@@ -14,12 +15,16 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
+from flow_project import small_project
 from services import (S3_ENV, S3, MlflowServer, Postgres, TeamStack, mlflow_on_postgres,  # noqa: F401
                       mlflow_with_basic_auth, postgres_db, s3, team_stack, use_s3_dvc_remote)
 
-from tasks import models, versioning
+from tasks import layout, models, register, versioning
 from tasks.config import load_params
+
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -150,3 +155,55 @@ def test_prefect_server_on_postgres_records_flow_runs(team_stack: TeamStack, tmp
         "prefect", "SELECT fr.state_type FROM flow_run fr JOIN flow f ON f.id = fr.flow_id "
                    "WHERE f.name = 'team-stack-probe'")
     assert rows == [("COMPLETED",)]
+
+
+@pytest.mark.timeout(900, func_only=True)
+def test_finetune_flow_against_the_whole_team_stack(team_stack: TeamStack, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch):
+    """`python -m flows.finetune` with every backend a team runs (docs/operations.md): Prefect
+    server on PostgreSQL, MLflow on PostgreSQL with S3 artifacts, the DVC remote on S3. Each
+    service holds its part afterwards, and the registry round trip holds through the stack."""
+    import torch
+    from peft import PeftModel
+
+    from adapter_fixture import logits
+
+    project = small_project(tmp_path / "proj")
+    team_stack.use_s3_dvc_remote(project, prefix="flow")
+    env = {**os.environ, **team_stack.env(), "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    ran = subprocess.run([sys.executable, "-m", "flows.finetune", "--params", str(project / "params.yaml")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=850)
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    pg, params = team_stack.postgres, load_params(project / "params.yaml")
+
+    # Prefect: the flow run and every stage's task run are in the server's PostgreSQL database.
+    flow_runs = pg.query("prefect", "SELECT fr.id, fr.state_type FROM flow_run fr JOIN flow f ON f.id = fr.flow_id "
+                                    "WHERE f.name = 'finetune'")
+    assert [state for _, state in flow_runs] == ["COMPLETED"]
+    task_runs = pg.query("prefect", f"SELECT name, state_type FROM task_run WHERE flow_run_id = '{flow_runs[0][0]}'")
+    done = {name.split(" ·")[0] for name, state in task_runs if state == "COMPLETED"}
+    assert {"ingest", "preprocess", "train", "evaluate", "merge", "register"} <= done, task_runs
+
+    # MLflow: the version is in PostgreSQL, the adapter bytes in the S3 bucket.
+    result = yaml.safe_load((project / layout.report("register")).read_text())
+    name = params.register.model_name
+    assert pg.query("mlflow", f"SELECT version FROM model_versions WHERE name = '{name}'") == [(1,)]
+    assert pg.query("mlflow", f"SELECT status FROM runs WHERE run_uuid = '{result['run_id']}'") == [("FINISHED",)]
+    stored = [k for k in team_stack.s3.keys("mlflow") if f"/{result['run_id']}/" in k]
+    assert any(k.endswith("adapter_model.safetensors") for k in stored), stored
+
+    # DVC: the ingested data is on the S3 remote, and the remote holds everything the cache does.
+    md5 = yaml.safe_load((project / layout.report("ingest")).read_text())["md5"]
+    assert f"flow/files/md5/{md5[:2]}/{md5[2:]}" in team_stack.s3.keys("dvc", "flow/")
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "-c", "--json"], cwd=project, env=env,
+                            capture_output=True, text=True)
+    assert status.returncode == 0 and yaml.safe_load(status.stdout or "{}") == {}, status.stdout + status.stderr
+
+    # Round trip through the stack: the registered adapter gives the trained adapter's logits.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", team_stack.mlflow.url)
+    loaded, tokenizer = register.load_peft(f"models:/{name}/1", params, tmp_path / "download")
+    base = models.load_model(models.resolve(params.model))
+    trained = PeftModel.from_pretrained(base, str(project / layout.ADAPTER)).eval()
+    diff = (logits(loaded, tokenizer) - logits(trained, tokenizer)).abs().max().item()
+    assert diff <= 1e-5, diff
+    assert torch.isfinite(logits(loaded, tokenizer)).all()

@@ -105,3 +105,18 @@ def test_seed_tutorial_is_expressible_as_params():
     assert (lora.method, lora.r, lora.alpha, lora.dropout, lora.target_modules) == ("lora", 8, 32.0, 0.05,
                                                                                       ["q_proj", "v_proj"])
     assert (p.train.global_batch_size, p.preprocess.max_length, p.preprocess.format) == (4, 128, "text")
+
+
+def test_fast_path_switches_short_form_and_unknown_switch(tmp_path):
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    for short in (True, False):
+        base["train"]["fast_path"] = short
+        params = parse_params(base)
+        assert params.train.fast_path.enabled is short and params.train.fast_path.packing is True
+    base["train"]["fast_path"] = {"liger": False}
+    assert parse_params(base).train.fast_path.model_dump() == {
+        "enabled": True, "packing": True, "liger": False, "adapter_input_cast": False, "fused_lora": True,
+        "fused_adamw": True, "compile": False}
+    base["train"]["fast_path"] = {"ligr": False}
+    with pytest.raises(ConfigError, match=r"train\.fast_path\.ligr: unknown key"):
+        parse_params(base)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tasks import fastpath, models
-from tasks.config import TrainConfig
+from tasks.config import FastPathConfig, TrainConfig
 from tasks.errors import TrainingError
 
 
@@ -87,8 +87,7 @@ def test_packed_equals_padded_on_tiny(tiny_lora):
     padded = _padded(feats, 256)
     with torch.no_grad():
         ref = tiny_lora(**padded)
-    model, collator, kwargs = fastpath.prepare(tiny_lora, None, TrainConfig(fast_path=True),
-                                               fastpath.FastPathOptions(liger=False, allow_cpu=True))
+    model, collator, kwargs = fastpath.prepare(tiny_lora, None, FastPathConfig(liger=False), allow_cpu=True)
     assert "packing" in model.peftflow_fast_path and isinstance(collator, fastpath.PackingCollator)
     packed = collator(feats)
     with torch.no_grad():
@@ -101,16 +100,15 @@ def test_packed_equals_padded_on_tiny(tiny_lora):
 
 def test_prepare_is_a_no_op_when_off_and_needs_cuda_when_on(tiny_lora):
     collator = object()
-    model, same, kwargs = fastpath.prepare(tiny_lora, collator, TrainConfig(fast_path=False))
+    model, same, kwargs = fastpath.prepare(tiny_lora, collator, TrainConfig(fast_path=False).fast_path)
     assert same is collator and kwargs == {}
     if not torch.cuda.is_available():
         with pytest.raises(TrainingError, match="fast_path"):
-            fastpath.prepare(tiny_lora, collator, TrainConfig(fast_path=True))
+            fastpath.prepare(tiny_lora, collator, FastPathConfig())
 
 
 def test_adapter_inputs_stay_in_activation_dtype(tiny_lora):
-    model, _, _ = fastpath.prepare(tiny_lora, None, TrainConfig(fast_path=True),
-                                   fastpath.FastPathOptions(liger=False, packing=False, allow_cpu=True))
+    model, _, _ = fastpath.prepare(tiny_lora, None, FastPathConfig(liger=False, packing=False), allow_cpu=True)
     layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "cast_input_dtype_enabled")]
     assert layers and not any(m.cast_input_dtype_enabled for m in layers)
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if p.requires_grad)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks import layout, models, train
+from tasks import adapters, layout, models, train
 from tasks.config import ModelConfig, load_params
 from tasks.errors import ModelError, TrainingError
 
@@ -103,7 +103,7 @@ def test_loss_falls_and_outputs_are_complete(tmp_path):
     epoch_tokens = sum(len(ids) for ids in load_from_disk(str(root / layout.PROCESSED))["train"]["input_ids"])
     assert 7 * epoch_tokens < report["tokens_trained"] < 8 * epoch_tokens
     assert report["device"] == "cpu" and report["dtype"] == "fp32"
-    assert report["adapter_sha256"] == train.adapter_sha256(root / layout.ADAPTER) == result.adapter_sha256
+    assert report["adapter_sha256"] == adapters.adapter_sha256(root / layout.ADAPTER) == result.adapter_sha256
     names = {p.name for p in (root / layout.ADAPTER).iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= names
     assert not any(n.endswith((".bin", ".pt", ".pth", ".pkl")) for n in names)
