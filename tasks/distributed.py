@@ -9,7 +9,7 @@ Contract:
   (torchrun stops the others when one fails, so a failing rank cannot leave the rest hanging).
   Multi-node training uses the same entry point with torchrun's rendezvous flags
   (docs/operations.md).
-- `exclusive(folder)`: context manager; one process of the host at a time runs the body. Every
+- `exclusive(folder)`: context manager; one rank of the host at a time runs the body. Every
   rank runs the housekeeping that deletes files (stale temp folders, broken checkpoints) under it:
   the first does the deleting, the rest find nothing left to delete. No rank can have written a
   new checkpoint meanwhile: training needs every rank (DDP's first collective), and each does its
@@ -84,11 +84,17 @@ def _die_with_parent() -> None:
 
 @contextlib.contextmanager
 def exclusive(folder: Path):
-    """Hold an exclusive lock on `folder`/.peftflow-train.lock for the body (see the module docstring)."""
+    """With several ranks, hold a host-wide lock named after `folder` for the body (see the module
+    docstring); a plain process runs the body at once. The lock file lives in the temp folder, so
+    the project gains no file from it."""
+    if worker()[1] == 1:
+        yield
+        return
     import fcntl
+    import tempfile
 
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".peftflow-train.lock", "w") as lock:
+    key = hashlib.sha256(str(Path(folder).resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"peftflow-train-{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
