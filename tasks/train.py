@@ -13,6 +13,10 @@ Raises: ConfigError (a setting that cannot work here, e.g. device: cuda without 
 Resume: a rerun after a crash continues from the newest checkpoint of the same fingerprint whose
 manifest verifies (Trainer restores optimizer, scheduler, RNG and data position). A run whose
 adapter and report already match the fingerprint is not retrained.
+
+Several devices (`train.devices` > 1): `run` launches one process per device under torchrun
+(tasks/distributed.py); each trains one share of every global batch (DDP) and rank 0 alone
+writes the outputs above.
 """
 
 from __future__ import annotations
