@@ -9,8 +9,8 @@ merged model that already contains this adapter; merged logits differ from base 
 than `merge.tolerance` (then nothing is left under `models/merged/`).
 
 Steps: check every adapter tensor is finite; load the base in fp32 on CPU; load the adapter; take
-reference logits on the first `parity_samples` held-out test rows; `merge_and_unload(safe_merge=True)`;
-take merged logits (fp32, before any cast) and record `max_abs_logit_diff`; cast to `merge.dtype`
+reference logits on the first `parity_samples` held-out test rows; `merge_and_unload(safe_merge=True)`
+in fp32; take merged logits (before any cast) and record `max_abs_logit_diff`; cast to `merge.dtype`
 (`auto` = the base's saved dtype); save; reload the saved folder and check every weight came back
 unchanged (catches weights saved under wrong names, which would load as fresh random weights).
 
@@ -124,14 +124,14 @@ def _reusable(merged_dir: Path, identity: dict, tolerance: float) -> dict | None
 
 
 def _logits(model, rows: list[list[int]]) -> list:
-    """fp32 logits per row, one row at a time (no padding, so nothing to mask)."""
+    """Logits per row in the model's dtype, one row at a time (no padding, so nothing to mask)."""
     import torch
 
     out = []
     with torch.no_grad():
         for ids in rows:
             out.append(model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-                       .logits.float()[0])
+                       .logits[0])
     return out
 
 
@@ -195,16 +195,22 @@ def run(params: Params) -> MergeResult:
         model = models.load_model(base, classification_labels=n_labels, dtype=torch.float32,
                                   trust_remote_code=params.model.trust_remote_code).eval()
     model = attach_adapter(model, adapter_dir, base)
-    reference = _logits(model, rows)
+    # Both sides of the parity check run in float64, so it measures the merged weights, not the
+    # forward pass's rounding: fp32 forwards of the same weights in two orders (W x + B A x vs
+    # (W + B A) x) already differ by 1.2e-4 on SmolLM2 with all 30 layers adapted.
+    # fp32 -> fp64 -> fp32 round trips are exact, so the merge itself still happens in fp32.
+    reference = _logits(model.double(), rows)
+    model.float()
     try:
         merged = model.merge_and_unload(safe_merge=True)
     except ValueError as err:  # safe_merge found non-finite merged weights
         raise ModelError(f"merging {adapter_dir} gives non-finite weights ({err}); re-train the adapter") from None
-    diff = max(float((a - b).abs().max()) for a, b in zip(reference, _logits(merged, rows)))
+    diff = max(float((a - b).abs().max()) for a, b in zip(reference, _logits(merged.double(), rows)))
+    merged.float()
 
     report = {"merged": True, "method": method, "base_model": base.spec, **identity,
               "max_abs_logit_diff": diff, "tolerance": params.merge.tolerance, "parity_samples": len(rows),
-              "parity_dtype": "float32"}
+              "parity_dtype": "float64"}
     if not diff <= params.merge.tolerance:  # written so that NaN fails too
         shutil.rmtree(merged_dir, ignore_errors=True)  # a stale merge must not pass for this one
         atomic.write_json(report_path, {**report, "passed": False})
