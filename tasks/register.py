@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tasks import atomic, gate, layout, models, promote, tracking
+from tasks.adapters import adapter_sha256
 from tasks.config import Params
 from tasks.errors import ModelError, PeftflowError
 
@@ -63,10 +64,7 @@ def _require(params: Params, stage: str) -> dict:
 
 
 def adapter_digest(params: Params, train: dict) -> str:
-    """sha256 of models/adapter/ (every file: weights, config, tokenizer; the train stage's
-    definition), checked against what the train stage recorded."""
-    from tasks.adapters import adapter_sha256
-
+    """`adapter_sha256` of models/adapter/, checked against what the train stage recorded."""
     folder = Path(params.root) / layout.ADAPTER
     if not (folder / "adapter_config.json").is_file():
         raise ModelError(f"{folder}/adapter_config.json is missing; run `python -m tasks train` first")
@@ -175,8 +173,6 @@ def _create_version(client, params: Params, run_id: str, name: str, tags: dict, 
 def _verify_stored(params: Params, name: str, version: str, adapter_sha: str) -> None:
     """Download the version and check that its adapter folder hashes to what was trained."""
     with tempfile.TemporaryDirectory() as tmp:
-        from tasks.adapters import adapter_sha256
-
         local = download_model(f"models:/{name}/{version}", params, Path(tmp))
         stored = adapter_sha256(artifact_adapter_dir(local))
     if stored != adapter_sha:
@@ -313,8 +309,6 @@ def download_adapter(model_uri: str, params: Params, dst: Path) -> tuple[Path, d
     Raises ModelError when the downloaded adapter's bytes differ from the version's `adapter.sha256`
     tag (a corrupted artifact store), before anything loads them.
     """
-    from tasks.adapters import adapter_sha256
-
     spec = model_uri.removeprefix("models:/")
     c = tracking.client(params)
     if "@" in spec:  # resolve the alias once, so the bytes are checked against the version downloaded

@@ -37,6 +37,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from tasks import layout, models
+from tasks.adapters import adapter_sha256
 from tasks.config import Params, flatten
 from tasks.errors import PeftflowError
 
@@ -367,8 +368,6 @@ def lineage_tags(params: Params, flow_run_id: str | None = None) -> dict[str, st
     tags.update({"base.spec": base.spec, "base.path": base.path, "base.revision": base.revision or "",
                  "base.weights_sha256": base.weights_sha256})
     if (root / layout.ADAPTER / "adapter_config.json").is_file():
-        from tasks.adapters import adapter_sha256
-
         tags["adapter.sha256"] = adapter_sha256(root / layout.ADAPTER)
     train = read_report(params, "train") or {}
     for key in ("device", "tokens_trained", "fingerprint", "method"):

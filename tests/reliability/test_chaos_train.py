@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from test_resume import curve, finish, kill_when, launch, started, wait_until  # noqa: E402
+from test_resume import curve, finish, kill_when, launch, sealed_step, started, wait_until  # noqa: E402
 from test_train import adapter_bytes, tiny_project  # noqa: E402
 
 import invariants  # noqa: E402
@@ -70,8 +70,7 @@ def test_ten_seeded_kills_and_a_flipped_checkpoint_end_byte_identical(tmp_path, 
             alive = True
             kill_when(proc, root, next_step, 0.0)
         else:  # once the checkpoint is sealed, somewhere in the following step or save
-            wait_until(proc, lambda: any(checkpoints.verify(c) for c in
-                                         (root / layout.CHECKPOINTS).glob(f"*/checkpoint-{next_step}")), 300)
+            wait_until(proc, lambda: sealed_step(root, next_step), 300)
             wait_until(proc, lambda: started(root, next_step + 1), rng.uniform(0, 1.0))
             alive = proc.poll() is None
             proc.kill()

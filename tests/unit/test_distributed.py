@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from tasks import checkpoints, layout
 from tasks.config import load_params
 from tasks.errors import ConfigError
-from test_resume import curve, finish, launch
+from test_resume import curve, finish, launch, sealed_step, wait_until
 from test_train import adapter_bytes, tiny_project
 
 # Same global batch either way: 1 process x micro 2 x accumulation 4, or 2 processes x micro 2 x 2.
@@ -77,10 +77,7 @@ def test_killed_launcher_leaves_no_worker_and_rerun_resumes_to_the_same_bytes(tm
     params = tiny_project(tmp_path / "p", {**COMMON, "devices": 2})
     root = params.parent
     proc = launch(params)
-    deadline = time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline and not any(
-            checkpoints.verify(c) for c in (root / layout.CHECKPOINTS).glob("*/checkpoint-3")):
-        time.sleep(0.005)
+    wait_until(proc, lambda: sealed_step(root, 3), 300)
     proc.kill()  # SIGKILL of the launcher only: torchrun and its workers must not train on as orphans
     proc.wait()
     deadline = time.monotonic() + 60

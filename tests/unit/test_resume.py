@@ -44,6 +44,11 @@ def started(root: Path, step: int) -> bool:
     return any((root / layout.CHECKPOINTS).glob(f"*/checkpoint-{step}"))
 
 
+def sealed_step(root: Path, step: int) -> bool:
+    """True once checkpoint-<step> exists with a verifying manifest."""
+    return any(checkpoints.verify(c) for c in (root / layout.CHECKPOINTS).glob(f"*/checkpoint-{step}"))
+
+
 def wait_until(proc: subprocess.Popen, done, timeout: float) -> None:
     """Poll until `done()` holds, the process exits or `timeout` s pass."""
     deadline = time.monotonic() + timeout
