@@ -44,7 +44,8 @@ test: setup ci-tools  ## run the test suite (unit + integration, CPU)
 test-fast: setup  ## unit tests only
 	$(PY) -m pytest tests/unit -q
 
-test-gpu: setup  ## GPU tests (needs CUDA)
+test-gpu: setup  ## GPU tests (needs CUDA; installs requirements-gpu.txt)
+	$(PIP) install -q -r requirements-gpu.txt
 	$(PY) -m pytest -m gpu tests/gpu
 
 ui: setup  ## MLflow UI on the embedded store: http://127.0.0.1:5000
