@@ -11,6 +11,8 @@ model is built and before the Trainer is):
   `PackingCollator` is returned instead (features need `input_ids`, optionally `labels`).
 - `trainer_kwargs` are extra `TrainingArguments` keywords (e.g. `optim`); train.py's own
   arguments win on conflict only where it sets them explicitly after merging.
+- Liger patches transformers modules process-wide; the caller runs `undo_process_patches()` once
+  training is over (tasks/train.py `run` does), so later stages in the process get plain models.
 
 What each technique buys and costs is measured in docs/benchmarks.md (bench/lora_throughput.py).
 Nothing here changes the CPU path: `prepare` raises TrainingError when called without CUDA unless
@@ -25,7 +27,8 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Any
+import sys
+from typing import Any, Callable
 
 from tasks.config import FastPathConfig
 from tasks.errors import TrainingError
@@ -38,6 +41,8 @@ IGNORE_INDEX = -100
 # are (flash-attn's GQA); tests/gpu/test_fastpath.py checks this against per-document SDPA.
 # False = repeat the KV heads first (a copy per layer).
 _NATIVE_GQA_STATE = [True]
+# Restorers of the process-wide patches Liger made; undo_process_patches() runs them.
+_UNDO: list[Callable[[], None]] = []
 
 
 # ----------------------------------------------------------------------------- packing
@@ -212,6 +217,24 @@ def _packable(model, base) -> bool:
     return type(base).__name__.endswith("ForCausalLM")
 
 
+def _snapshot_globals() -> Callable[[], None]:
+    """A function that puts back the current globals of every loaded transformers model module
+    and of torch.nn.functional (Liger replaces names there; it adds none that matter)."""
+    import torch.nn.functional
+
+    spaces = [m for name, m in list(sys.modules.items()) if name.startswith("transformers.models.") and m is not None]
+    spaces.append(torch.nn.functional)
+    saved = [(m, dict(vars(m))) for m in spaces]
+
+    def restore() -> None:
+        for module, before in saved:
+            now = vars(module)
+            for name, value in before.items():
+                if now.get(name) is not value:
+                    setattr(module, name, value)
+    return restore
+
+
 def _apply_liger(base) -> bool:
     try:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
@@ -219,8 +242,22 @@ def _apply_liger(base) -> bool:
         log.warning("liger-kernel is not installed: the fast path runs without fused kernels "
                     "(pip install liger-kernel; see docs/benchmarks.md)")
         return False
+    # Liger also swaps names in the model's transformers module (RMSNorm and MLP classes, the RoPE
+    # function) for the whole process: a model built later in this process would run Triton kernels,
+    # which fail on CPU tensors (the flow runs evaluate and the CPU merge in the same process).
+    _UNDO.append(_snapshot_globals())
     _apply_liger_kernel_to_instance(model=base)
     return True
+
+
+def undo_process_patches() -> None:
+    """Put back what `prepare` patched process-wide (Liger's module globals), newest first.
+
+    Models patched by `prepare` keep their instance patches but must not be trained further;
+    models built afterwards are plain transformers models. A no-op when nothing was patched.
+    """
+    while _UNDO:
+        _UNDO.pop()()
 
 
 def _keep_adapter_input_dtype(model) -> int:

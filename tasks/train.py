@@ -254,7 +254,12 @@ def run(params: Params) -> TrainResult | None:
         return TrainResult(str(params.root / layout.ADAPTER), done["fingerprint"], done["steps"], done["final_loss"],
                            done["tokens_trained"], done["wall_seconds"], done["adapter_sha256"],
                            done["resumed_from_step"], skipped=raw == before)
-    return fit(params)[0]
+    from tasks import fastpath
+
+    try:
+        return fit(params)[0]
+    finally:
+        fastpath.undo_process_patches()  # the flow runs evaluate and merge next, in this process
 
 
 def fit(params: Params):

@@ -112,3 +112,17 @@ def test_adapter_inputs_stay_in_activation_dtype(tiny_lora):
     layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "cast_input_dtype_enabled")]
     assert layers and not any(m.cast_input_dtype_enabled for m in layers)
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_undo_process_patches_puts_back_swapped_module_globals():
+    # What Liger does to the model's module (it is not installed on CPU): replace classes and
+    # functions by name, for the whole process. undo_process_patches must put the originals back.
+    from transformers.models.llama import modeling_llama
+
+    norm, rope = modeling_llama.LlamaRMSNorm, modeling_llama.apply_rotary_pos_emb
+    fastpath._UNDO.append(fastpath._snapshot_globals())
+    modeling_llama.LlamaRMSNorm, modeling_llama.apply_rotary_pos_emb = torch.nn.LayerNorm, None
+    fastpath.undo_process_patches()
+    assert modeling_llama.LlamaRMSNorm is norm and modeling_llama.apply_rotary_pos_emb is rope
+    assert fastpath._UNDO == []
+    fastpath.undo_process_patches()  # nothing left to undo: a no-op
