@@ -59,7 +59,10 @@ def publish(params: Params, s: summary.RunSummary) -> None:
                               description="Sample test predictions of base and adapter (reports/predictions.csv)")
 
 
-@flow(name="finetune", flow_run_name="finetune · {params}", log_prints=True)
+# log_prints off, also when retrain calls this as a subflow: Prefect's print-to-log hook bypasses
+# libraries that capture stdout by swapping sys.stdout (dill, under datasets' fingerprinting,
+# reads bytecode that way) and floods the log with disassembly. Stage code logs; it never prints.
+@flow(name="finetune", flow_run_name="finetune · {params}", log_prints=False)
 def finetune(params: str = "params.yaml") -> dict:
     cfg = stages.load_config(params)
     run_id = stages.start_tracking(cfg)  # fails fast, before training, when MLflow is down

@@ -46,6 +46,8 @@ def test_two_runs_at_once_share_a_server_register_once_and_leave_dvc_clean(first
     assert sum(o.count("Starting temporary server") for o in outputs) == 1, "the second run must join the first's server"
     for out in outputs:  # the summary table and what to do next
         assert "model version" in out and "make prefect-ui" in out and "dvc repro" in out
+        # no library output that captures sys.stdout leaks into the log (dill's disassembly did)
+        assert "LOAD_GLOBAL" not in out, out[-3000:]
     for stage in ["ingest", *DVC_STAGES, "register"]:
         assert (project / layout.report(stage)).is_file(), stage
     assert (project / layout.PREDICTIONS).is_file() and (project / layout.TRAIN_LOG).is_file()
