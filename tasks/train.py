@@ -375,6 +375,9 @@ def fit(params: Params):
         bf16=dtype_name == "bf16",
         dataloader_num_workers=0,
         **({"ddp_backend": "gloo"} if world > 1 and device == "cpu" else {}),
+        # Every trainable (adapter) parameter gets a gradient each step; the Trainer's default
+        # (True for models without gradient checkpointing) walks the autograd graph again per step.
+        **({"ddp_find_unused_parameters": False} if world > 1 else {}),
     )
     args = TrainingArguments(**{**extra_args, **own_args})  # the fast path adds options; it never overrides ours
     trainer_cls, manifest_cb, adalora_cb = _trainer_class()
