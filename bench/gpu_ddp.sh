@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The train stage on 1 and then N GPUs (train.devices; DDP over NCCL under torchrun), same params,
 # same global batch: scaling and loss agreement. Same setup as bench/gpu_flow.sh (carry .gpu-site).
-#   N (default 2) GPUs; STEPS (default 60) steps of 32 rows; MODEL, DEVICE override (CPU check:
+#   N (default 2) GPUs; STEPS (default 60) steps of GLOBAL (default 32) rows, micro-batch 16; MODEL, DEVICE override (CPU check:
 #   MODEL=random:tiny DEVICE=cpu runs it over gloo). Writes train-<n>.json / train_log-<n>.csv to $OUT.
 set -euo pipefail
 : "${OUT:?set OUT to a folder for the results}"
@@ -26,7 +26,7 @@ p = yaml.safe_load(open("params.yaml"))
 p["model"]["base"] = os.environ.get("MODEL", "random:llama-1b")
 p["preprocess"].update(max_length=512, max_samples=4000)
 p["train"]["peft"]["last_layers"] = None
-p["train"].update(max_steps=int(sys.argv[1]), save_steps=1000, global_batch_size=32, micro_batch_size=16,
+p["train"].update(max_steps=int(sys.argv[1]), save_steps=1000, global_batch_size=int(os.environ.get("GLOBAL", 32)), micro_batch_size=16,
                   device=os.environ.get("DEVICE", "cuda"), warmup_steps=0.1)
 yaml.safe_dump(p, open("params.yaml", "w"), sort_keys=False)
 PY

@@ -380,6 +380,12 @@ def fit(params: Params):
         **({"ddp_find_unused_parameters": False} if world > 1 else {}),
     )
     args = TrainingArguments(**{**extra_args, **own_args})  # the fast path adds options; it never overrides ours
+    if world == 1 and device == "cuda":
+        # `devices: 1` means one GPU. On a host with several, the Trainer would otherwise wrap the
+        # model in nn.DataParallel over all of them (its replica threads run outside bf16 autocast
+        # and fail). The Trainer forces n_gpu the same way for model parallelism.
+        _ = args.device  # settle the device set-up first: it assigns n_gpu
+        args._n_gpu = 1
     trainer_cls, manifest_cb, adalora_cb = _trainer_class()
     callbacks = [manifest_cb()] + ([adalora_cb()] if cfg.peft.method == "adalora" else [])
     if device == "cuda":
