@@ -203,7 +203,9 @@ def registry_lock(mlflow_client, name: str, stale_s: float = 900.0, timeout_s: f
             mlflow_client.create_registered_model(lock, tags=tags, description=f"held while registering into {name}")
             break
         except MlflowException as err:
-            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            # RESOURCE_DOES_NOT_EXIST: the server saw the name taken, then the holder released the
+            # lock before the server could describe it (seen with 8 registrations at once).
+            if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise
         try:
             held = mlflow_client.get_registered_model(lock).tags

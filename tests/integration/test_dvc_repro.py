@@ -79,7 +79,11 @@ def test_clone_of_first_commit_rebuilds_a_byte_identical_adapter(committed, tmp_
     dvc(clone, "pull", f"{layout.RAW_DATA}.dvc")  # only the raw data: everything else is rebuilt
     assert not (clone / layout.ADAPTER).exists()
     out = dvc(clone, "repro")
-    assert ran_stages(out) == {"preprocess", "train", "evaluate", "merge"}, out
+    # preprocess and train rebuild byte-identical outputs (the flow's and `dvc repro`'s), so
+    # evaluate, whose outputs are committed, is up to date; merge's model is not committed.
+    assert ran_stages(out) == {"preprocess", "train", "merge"}, out
+    assert "evaluate" in re.findall(r"Stage '(\w+)' didn't change", out), out
     assert file_hashes(clone / layout.ADAPTER) == adapter_v1
     first_lock, rebuilt_lock = git(project, "show", f"{first}:dvc.lock"), (clone / "dvc.lock").read_text()
+    assert lock_md5(rebuilt_lock, "preprocess", layout.PROCESSED) == lock_md5(first_lock, "preprocess", layout.PROCESSED)
     assert lock_md5(rebuilt_lock, "train", layout.ADAPTER) == lock_md5(first_lock, "train", layout.ADAPTER)
