@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import logging
 import os
 import tempfile
 from dataclasses import asdict, dataclass
@@ -30,6 +31,8 @@ from tasks import atomic, gate, layout, models, promote, tracking
 from tasks.adapters import adapter_sha256
 from tasks.config import Params
 from tasks.errors import ModelError, PeftflowError
+
+log = logging.getLogger(__name__)
 
 TAG_TOKEN = "peftflow.run_token"
 TAG_GATE = "peftflow.gate.promote"  # "true" / "false" / "skipped": its presence = registration complete
@@ -242,11 +245,15 @@ def run(params: Params, run_id: str | None = None) -> RegisterResult:
                 # with our token (all ours, under the lock): keep the lowest, delete the others.
                 versions = find_version(client, cfg.model_name, token)
                 for extra in versions[1:]:
+                    log.warning("register: deleting version %s of %s, a duplicate of version %s (token %s)",
+                                extra, cfg.model_name, versions[0], token[:12])
                     client.delete_model_version(cfg.model_name, extra)
                 version = versions[0] if versions else ours
                 try:
                     _verify_stored(params, cfg.model_name, version, adapter_sha)
                 except ModelError:
+                    log.warning("register: deleting version %s of %s: its stored adapter is not the trained one",
+                                version, cfg.model_name)
                     client.delete_model_version(cfg.model_name, version)
                     raise
             else:

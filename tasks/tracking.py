@@ -228,7 +228,9 @@ def registry_lock(mlflow_client, name: str, stale_s: float = 900.0, timeout_s: f
         yield
     finally:
         with contextlib.suppress(MlflowException):
-            mlflow_client.delete_registered_model(lock)
+            # Only our own lock: had it been broken as stale, another process may hold a new one.
+            if mlflow_client.get_registered_model(lock).tags.get(TAG_LOCK_OWNER) == nonce:
+                mlflow_client.delete_registered_model(lock)
 
 
 def start_run(params: Params, run_name: str | None = None, tags: dict[str, str] | None = None) -> str:

@@ -93,6 +93,8 @@ def test_eight_concurrent_registrations_one_version_each_and_best_is_champion(se
     procs = [start_register(p, server.url) for p in runs for _ in range(2)]
     errors = [p.communicate(timeout=900)[1] for p in procs]
     assert [p.returncode for p in procs] == [0] * 8, "\n".join(e[-2000:] for e in errors)
+    for e in errors:  # shown by pytest if an invariant fails below (deletions are logged as warnings)
+        print("\n".join(line for line in e.splitlines() if "register:" in line or "Error" in line))
 
     report = cleanup_and_check(runs[0], server).assert_ok()
     tokens = {register.pipeline_token(p.sha256, tracking.read_report(p, "ingest")["md5"],
