@@ -2,24 +2,10 @@
 # The train stage on 1 and then N GPUs (train.devices; DDP over NCCL under torchrun), same params,
 # same global batch: scaling and loss agreement. Same setup as bench/gpu_flow.sh (carry .gpu-site).
 #   N (default 2) GPUs; STEPS (default 60) steps of GLOBAL (default 32) rows, micro-batch 16; MODEL, DEVICE override (CPU check:
-#   MODEL=random:tiny DEVICE=cpu runs it over gloo). Writes train-<n>.json / train_log-<n>.csv to $OUT.
+#   TARBALL= MODEL=random:tiny DEVICE=cpu runs it over gloo). Writes train-<n>.json / train_log-<n>.csv to $OUT.
 set -euo pipefail
-: "${OUT:?set OUT to a folder for the results}"
-REPO=$(cd "$(dirname "$0")/.." && pwd)
-[ -f "$REPO/dvc.yaml" ] && [ -d "$REPO/flows" ] || { echo "$REPO is not the peftflow repository" >&2; exit 2; }
-SITE=/tmp/peftflow-site PROJ=/tmp/peftflow-gpu-ddp
-rm -rf "$PROJ" /tmp/.dvc-storage
-TARBALL=${TARBALL-$REPO/.gpu-site/site.tar.xz}  # TARBALL= (empty): use the python3 on PATH as it is
-if [ -n "$TARBALL" ]; then
-  rm -rf "$SITE" && mkdir -p "$SITE" && tar -C "$SITE" -xJf "$TARBALL"
-  export PYTHONPATH=$SITE
-  command -v git >/dev/null || export PATH=$REPO/.gpu-site/bin:$PATH
-fi
-export GIT_AUTHOR_NAME=peftflow GIT_AUTHOR_EMAIL=peftflow@localhost GIT_COMMITTER_NAME=peftflow GIT_COMMITTER_EMAIL=peftflow@localhost
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-cp -r "$REPO" "$PROJ" && rm -rf "$PROJ/.gpu-site" "$PROJ/.git" "$PROJ/.venv"
-cd "$PROJ"
-git init -q && git add -A && git commit -qm "device run"
+source "$(dirname "$0")/gpu_project.sh"
+new_project /tmp/peftflow-gpu-ddp
 python3 - "${STEPS:-60}" <<'PY'
 import os, sys, yaml
 p = yaml.safe_load(open("params.yaml"))

@@ -6,25 +6,14 @@
 # (the device tool: carry [".gpu-site"], command `bash bench/gpu_flow.sh`). Writes to $OUT:
 #   flow.log (the flow's whole output), reports.json (train/evaluate/merge reports, the MLflow
 #   registry state, `dvc status`, versions), train_log.csv, loss_curve.png, confusion_matrix.png.
-# STEPS (default 300) sets train.max_steps; MODEL and DEVICE override model.base and train.device.
+# STEPS (default 300) sets train.max_steps; MODEL and DEVICE override model.base and train.device;
+# TARBALL= (empty) runs it with the python3 on PATH (bench/gpu_project.sh).
 set -euo pipefail
-: "${OUT:?set OUT to a folder for the results}"
-REPO=$(cd "$(dirname "$0")/.." && pwd)
-[ -f "$REPO/dvc.yaml" ] && [ -d "$REPO/flows" ] || { echo "$REPO is not the peftflow repository" >&2; exit 2; }
-SITE=/tmp/peftflow-site PROJ=/tmp/peftflow-gpu-flow
-rm -rf "$SITE" "$PROJ" /tmp/.dvc-storage && mkdir -p "$SITE"
-tar -C "$SITE" -xJf "$REPO/.gpu-site/site.tar.xz"
-command -v git >/dev/null || export PATH=$REPO/.gpu-site/bin:$PATH  # the image may lack git
-export GIT_AUTHOR_NAME=peftflow GIT_AUTHOR_EMAIL=peftflow@localhost GIT_COMMITTER_NAME=peftflow GIT_COMMITTER_EMAIL=peftflow@localhost
-export PYTHONPATH=$SITE HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1
+source "$(dirname "$0")/gpu_project.sh"
 python3 -c 'import torch, transformers, peft, prefect, mlflow, dvc.version, datasets, pyarrow
 print("versions:", {m.__name__: m.__version__ for m in (torch, transformers, peft, prefect, mlflow, datasets, pyarrow)},
       "dvc", dvc.version.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA")'
-
-# A fresh project: the repository's files, its own git history, the committed DVC config.
-cp -r "$REPO" "$PROJ" && rm -rf "$PROJ/.gpu-site" "$PROJ/.git"
-cd "$PROJ"
-git init -q && git add -A && git commit -qm "device run"
+new_project /tmp/peftflow-gpu-flow
 python3 - "${STEPS:-300}" <<'PY'
 import os, sys, yaml
 p = yaml.safe_load(open("params.yaml"))
@@ -43,14 +32,13 @@ echo "flow wall: $(( $(date +%s) - start )) s" | tee -a "$OUT/flow.log"
 python3 - "$OUT" <<'PY'
 import json, shutil, subprocess, sys
 from pathlib import Path
-import mlflow
-from mlflow import MlflowClient
-out = Path(sys.argv[1])
-client = MlflowClient(tracking_uri="sqlite:///mlflow.db")
-versions = [{"version": v.version, "run_id": v.run_id,
-             "aliases": client.get_model_version("peftflow-adapter", v.version).aliases}
-            for v in client.search_model_versions("name='peftflow-adapter'")]
-result = {name: json.loads(Path(f"reports/{name}.json").read_text()) for name in ("train", "evaluate", "merge")}
+from tasks import tracking
+from tasks.config import load_params
+out, params = Path(sys.argv[1]), load_params("params.yaml")
+client, name = tracking.client(params), params.register.model_name
+versions = [{"version": v.version, "run_id": v.run_id, "aliases": client.get_model_version(name, v.version).aliases}
+            for v in client.search_model_versions(f"name='{name}'")]
+result = {stage: tracking.read_report(params, stage) for stage in ("train", "evaluate", "merge")}
 result["registry"] = versions
 result["dvc_status"] = subprocess.run([sys.executable, "-m", "dvc", "status"], capture_output=True, text=True).stdout
 if shutil.which("nvidia-smi"):
