@@ -68,3 +68,68 @@ def perplexity(mean_token_loss: float) -> float:
         return math.exp(mean_token_loss)
     except OverflowError:
         return math.inf
+
+
+# --- metrics over per-row tables --------------------------------------------------------------------
+# One model's evaluation is a table of per-row columns (numpy arrays of one length): `label` (true
+# class id, -1 none), `pred` / `pred_norm` / `pred_cal` (predicted class id by summed, length-normalised
+# and content-free-calibrated label log-likelihood), `majority` (the train split's most frequent
+# label), `nll_sum` + `n_tokens` (loss), and the generative per-row scores of tasks/textmetrics.py
+# (NaN on rows not generated). A metric is a statistic of such a table, so the bootstrap
+# (tasks/intervals.py) recomputes it on resampled rows exactly as it is computed on all rows.
+
+GENERATIVE = ("exact_match", "token_f1", "rouge_l", "chrf", "embedding_similarity", "length")
+LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
+PREDICTORS = {"accuracy": "pred", "accuracy_norm": "pred_norm", "accuracy_calibrated": "pred_cal",
+              "majority_rate": "majority"}  # accuracy of each predictor column
+
+
+def _labeled(cols, pred: str):
+    if pred not in cols or "label" not in cols:
+        return None
+    keep = (cols["label"] >= 0) & (cols[pred] >= 0)
+    return (cols["label"][keep], cols[pred][keep]) if keep.any() else None
+
+
+def table_metric(name: str, cols, n_classes: int) -> float | None:
+    """Metric `name` of a per-row table (see above); None when the table lacks what it needs."""
+    if name in PREDICTORS or name == "f1_macro":
+        pair = _labeled(cols, PREDICTORS.get(name, "pred"))
+        if pair is None:
+            return None
+        return f1_macro(*pair, n_classes) if name == "f1_macro" else accuracy(*pair)
+    if name in ("loss", "perplexity"):
+        if "n_tokens" not in cols or cols["n_tokens"].sum() == 0:
+            return None
+        loss = float(cols["nll_sum"].sum() / cols["n_tokens"].sum())
+        return perplexity(loss) if name == "perplexity" else loss
+    if name == "length_ratio":
+        if "length" not in cols or not np.isfinite(cols["length"]).any():
+            return None
+        ref = np.nansum(cols["reference_length"])
+        return float(np.nansum(cols["length"]) / ref) if ref else None
+    if name in GENERATIVE:
+        if name not in cols or not np.isfinite(cols[name]).any():
+            return None
+        return float(np.nanmean(cols[name]))
+    raise ValueError(f"unknown metric '{name}'")
+
+
+def defined_rows(name: str, cols) -> np.ndarray:
+    """Mask of the rows metric `name` is computed on (generated rows for generative metrics,
+    labelled rows for label metrics, every row otherwise): the rows a bootstrap resamples."""
+    n = len(cols["label"])
+    if name in GENERATIVE or name == "length_ratio":
+        column = "length" if name == "length_ratio" else name
+        return np.isfinite(cols[column]) if column in cols else np.zeros(n, dtype=bool)
+    if name in PREDICTORS or name == "f1_macro":
+        return cols["label"] >= 0
+    return np.ones(n, dtype=bool)
+
+
+REPORT_ORDER = (*PREDICTORS, "f1_macro", "loss", "perplexity", *GENERATIVE, "length_ratio")
+
+
+def metric_names(cols, n_classes: int) -> list[str]:
+    """The metrics a table supports, in report order."""
+    return [m for m in REPORT_ORDER if table_metric(m, cols, n_classes) is not None]

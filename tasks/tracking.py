@@ -300,11 +300,15 @@ def numeric_leaves(d: dict[str, Any], prefix: str) -> dict[str, float]:
 
 
 def evaluation_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
-    """{"base": {...}, "adapter": {...}, "lift": {...}} -> base_*/adapter_*/lift_* metrics."""
+    """{"base": {...}, "adapter": {...}, "lift": {...}, "intervals": {section: {m: [low, high]}}} ->
+    base_*/adapter_*/lift_* metrics, and `<section>_<metric>_low` / `_high` for the intervals."""
     out: dict[str, float] = {}
+    intervals = evaluation.get("intervals") or {}
     for section in ("base", "adapter", "lift"):
         if isinstance(evaluation.get(section), dict):
             out.update(numeric_leaves(evaluation[section], f"{section}_"))
+        for metric, bounds in (intervals.get(section) or {}).items():
+            out.update(numeric_leaves(dict(zip(("low", "high"), bounds)), f"{section}_{metric}_"))
     return out
 
 

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from conftest import make_project
-from tasks import evaluate, layout, models, preprocess
+from tasks import encoding, evalset, evaluate, layout, models, preprocess, processed, scoring
 from tasks.config import Params, load_params
 from tasks.errors import ModelError
 
@@ -78,7 +78,7 @@ def test_report_keys_lift_and_outputs(tiny: Params):
     for which in ("base", "adapter", "lift"):
         assert set(report[which]) >= {"accuracy", "f1_macro", "loss", "perplexity", "exact_match"}
     assert report["label_names"] == ["negative", "positive"]
-    n_test = len(evaluate.load_test_split(tiny))
+    n_test = len(processed.read_split(tiny.root, "test"))
     assert report["n_samples"] == min(tiny.evaluate.max_samples, n_test) == result.n_samples
     for k in ("accuracy", "f1_macro", "loss", "perplexity", "exact_match"):
         assert report["lift"][k] == report["adapter"][k] - report["base"][k]
@@ -92,9 +92,10 @@ def test_report_keys_lift_and_outputs(tiny: Params):
 
     with open(tiny.root / layout.PREDICTIONS, newline="") as f:
         table = list(csv.DictReader(f))
-    assert len(table) == tiny.evaluate.sample_predictions
-    assert set(table[0]) >= {"input", "expected", "base_output", "adapter_output"}
-    assert all(r["expected"] in {"negative", "positive"} for r in table)
+    assert len(table) == report["n_samples"]  # one line per scored row
+    assert set(table[0]) >= {"row", "prompt", "reference", "base_output", "adapter_output", "base_label",
+                             "adapter_label", "label", "base.pred", "adapter.pred", "adapter.nll_sum"}
+    assert all(r["reference"] in {"negative", "positive"} for r in table)
     assert (tiny.root / layout.CONFUSION_MATRIX).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # same params, same files: the same report
@@ -109,18 +110,18 @@ def test_loss_matches_model_loss_and_padding_is_exact(tiny: Params):
 
     base = models.resolve(tiny.model)
     model = models.load_model(base).eval()
-    test = evaluate.load_test_split(tiny)
+    test = processed.read_split(tiny.root, "test")
     # rows cut by k prompt tokens so they differ in length and padding matters
     seqs = [(list(r["input_ids"])[3 * k:], list(r["labels"])[3 * k:])
             for k, r in enumerate(test.select(range(min(6, len(test)))))]
     kw = dict(pad_id=256, device=torch.device("cpu"), desc="t")
-    batched = evaluate.sequence_nll(model, seqs, batch_size=6, **kw)
+    batched = scoring.sequence_nll(model, seqs, batch_size=6, **kw)
     for (ids, labels), (nll, n, _) in zip(seqs, batched):
         with torch.no_grad():
             ref = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.item()
         assert n == sum(lab != -100 for lab in labels[1:])
         assert nll / n == pytest.approx(ref, abs=1e-5)
-    one_by_one = evaluate.sequence_nll(model, seqs, batch_size=1, **kw)
+    one_by_one = scoring.sequence_nll(model, seqs, batch_size=1, **kw)
     assert len({len(ids) for ids, _ in seqs}) > 1  # rows of different lengths: padding is exercised
     assert [n for _, n, _ in batched] == [n for _, n, _ in one_by_one]
     assert [s for s, _, _ in batched] == pytest.approx([s for s, _, _ in one_by_one], abs=1e-4)
@@ -128,8 +129,8 @@ def test_loss_matches_model_loss_and_padding_is_exact(tiny: Params):
 
     tok = models.load_tokenizer(base)
     prompts = [ids[: labels.index(next(x for x in labels if x != -100))] for ids, labels in seqs]
-    kw = dict(max_new_tokens=5, tokenizer=tok, device=torch.device("cpu"), desc="g")
-    assert evaluate.generate(model, prompts, batch_size=6, **kw) == evaluate.generate(model, prompts, batch_size=1, **kw)
+    kw = dict(max_new_tokens=5, tokenizer=tok, device=torch.device("cpu"), stop_ids=[tok.eos_token_id], desc="g")
+    assert scoring.generate(model, prompts, batch_size=6, **kw) == scoring.generate(model, prompts, batch_size=1, **kw)
 
 
 def test_prompt_tuning_adapter_is_scored(tiny: Params):
@@ -147,10 +148,10 @@ def test_missing_adapter_is_a_clear_error(tiny: Params):
 
 
 def test_select_rows_is_deterministic():
-    assert evaluate.select_rows(5, None, 0) == [0, 1, 2, 3, 4]
-    assert evaluate.select_rows(5, 9, 0) == [0, 1, 2, 3, 4]
-    picked = evaluate.select_rows(100, 10, 42)
-    assert picked == evaluate.select_rows(100, 10, 42) == sorted(set(picked)) and len(picked) == 10
+    assert evalset.select_rows(5, None, 0) == [0, 1, 2, 3, 4]
+    assert evalset.select_rows(5, 9, 0) == [0, 1, 2, 3, 4]
+    picked = evalset.select_rows(100, 10, 42)
+    assert picked == evalset.select_rows(100, 10, 42) == sorted(set(picked)) and len(picked) == 10
 
 
 def test_classification_head_is_scored_by_argmax(tmp_path: Path):
@@ -164,8 +165,8 @@ def test_classification_head_is_scored_by_argmax(tmp_path: Path):
     assert report.lift["loss"] == report.adapter["loss"] - report.base["loss"] != 0.0
     with open(params.root / layout.PREDICTIONS, newline="") as f:
         table = list(csv.DictReader(f))
-    assert len(table) == params.evaluate.sample_predictions
-    assert {r["adapter_output"] for r in table} <= {"negative", "positive"}
+    assert len(table) == len(processed.read_split(params.root, "test"))
+    assert {r["adapter_label"] for r in table} <= {"negative", "positive"}
 
 
 def test_text_format_has_loss_but_no_label_metrics(tmp_path: Path):
@@ -187,10 +188,10 @@ def test_prompt_cache_scoring_equals_full_sequences(tiny: Params):
 
     base = models.resolve(tiny.model)
     tok = models.load_tokenizer(base)
-    test = evaluate.load_test_split(tiny)
+    test = processed.read_split(tiny.root, "test")
     names = ["no", "positive", "meh"]
-    groups = [[preprocess.encode_pair(tok, p, name, 512) for name in names] for p in test["prompt"][:3]]
-    groups.append([preprocess.encode_pair(tok, "short prompt", name, 512) for name in names])
+    groups = [[encoding.encode_pair(tok, p, name, 512) for name in names] for p in test["prompt"][:3]]
+    groups.append([encoding.encode_pair(tok, "short prompt", name, 512) for name in names])
     kw = dict(batch_size=4, pad_id=tok.pad_token_id, device=torch.device("cpu"), desc="t")
     lora = make_adapter(tiny, target=tiny.root / "lora")
     prompt = make_adapter(tiny, method="prompt_tuning", target=tiny.root / "prompt")
@@ -198,9 +199,9 @@ def test_prompt_cache_scoring_equals_full_sequences(tiny: Params):
         model = models.load_model(base).eval()
         if adapter is not None:
             model = PeftModel.from_pretrained(model, str(adapter)).eval()
-        assert evaluate.shares_prompt_cache(model) == (adapter != prompt)
-        shared = evaluate.label_nll(model, groups, **kw)
-        full = evaluate.sequence_nll(model, [pair for g in groups for pair in g], **kw)
+        assert scoring.shares_prompt_cache(model) == (adapter != prompt)
+        shared = scoring.label_nll(model, groups, **kw)
+        full = scoring.sequence_nll(model, [pair for g in groups for pair in g], **kw)
         assert [n for row in shared for _, n, _ in row] == [n for _, n, _ in full]
         assert [s for row in shared for s, _, _ in row] == pytest.approx([s for s, _, _ in full], abs=1e-4)
         assert [t for row in shared for _, _, t in row] == pytest.approx([t for _, _, t in full], abs=1e-4)
