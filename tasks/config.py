@@ -79,19 +79,55 @@ class SplitConfig(Section):
     seed: int = Field(42, ge=0, description="Seed of the split.")
 
 
+ChatRole = Literal["system", "user", "assistant", "tool"]
+
+
+class ChatConfig(Section):
+    """`format: chat`: where conversations sit in the raw rows (tasks/chat.py). A row holds one
+    conversation, a list of messages (Python lists/dicts or their JSON text). The defaults read
+    OpenAI-style `messages: [{role, content, tool_calls?}]`; for ShareGPT rows set
+    `messages_field: conversations`, `role_field: from`, `content_field: value` (the default `roles`
+    already map ShareGPT's `human`/`gpt`)."""
+
+    messages_field: str = Field("messages", description="Column holding each row's list of messages.")
+    tools_field: str | None = Field(
+        "tools", description="Column of tool schemas handed to the chat template (`tools=`); a missing column "
+        "or an empty cell means no tools.",
+    )
+    role_field: str = Field("role", description="Key of a message's speaker (ShareGPT: `from`).")
+    content_field: str = Field("content", description="Key of a message's text (ShareGPT: `value`).")
+    roles: dict[str, ChatRole] = Field(
+        {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool", "human": "user",
+         "gpt": "assistant"},
+        description="Raw speaker -> role (system, user, assistant, tool); a speaker not listed is a bad row "
+        "(`unknown_role`).",
+    )
+    train_on: Literal["all", "last"] = Field(
+        "all", description="Assistant turns the loss covers: every one (`all`) or only the final one (`last`).")
+    bad_rows: Literal["error", "drop"] = Field(
+        "error", description="Rows with an unknown role, no assistant turn, empty content or a malformed tool "
+        "call or message list: fail naming the row (`error`), or drop and count them per reason (`drop`).",
+    )
+
+
 class PreprocessConfig(Section):
     """Column mapping, formatting and tokenisation."""
 
-    format: Literal["instruction", "text", "classification"] = Field(
+    format: Literal["instruction", "text", "classification", "chat"] = Field(
         "instruction",
         description="`instruction`: causal-LM SFT, loss only on the response; `text`: plain causal LM on the text; "
-        "`classification`: a sequence-classification head over `labels`.",
+        "`classification`: a sequence-classification head over `labels`; `chat`: multi-turn conversations "
+        "(see `preprocess.chat`), loss only on assistant turns.",
     )
-    text_fields: list[str] = Field(["text"], min_length=1, description="Columns used as input text.")
-    label_field: str | None = Field("category", description="Column holding the label (instruction/classification).")
+    text_fields: list[str] = Field(
+        ["text"], description="Columns used as input text (at least one; not used by `chat`).")
+    label_field: str | None = Field(
+        "category", description="Column holding the label (instruction/classification; not used by `chat`).")
     labels: dict[str, str] = Field(
         {"rotten": "negative", "fresh": "positive"},
-        description="Raw label value -> label name; the name is the response text (verbalizer) for `instruction`.",
+        description="Raw label value -> label name; the name is the response text (verbalizer) for `instruction`. "
+        "Raw values are compared as `str(value)`: integer keys are read as their digits (`0` -> \"0\") and "
+        "boolean keys as Python writes them (`true` -> \"True\", matching a boolean column). Not used by `chat`.",
     )
     unknown_labels: Literal["error", "drop"] = Field(
         "error", description="What to do with rows whose label is not a key of `labels`."
@@ -101,18 +137,33 @@ class PreprocessConfig(Section):
     )
     prompt_template: str = Field(
         "Review: {text}\nIs this review positive or negative?",
-        description="Python format string over `text_fields` building the prompt (instruction) or input text.",
+        description="Python format string over `text_fields` building the prompt (instruction) or input text; "
+        "not used by `chat`.",
     )
-    chat_template: bool = Field(True, description="Wrap prompt/response in the tokenizer's chat template if it has one.")
-    system_prompt: str | None = Field(None, description="Optional system message for the chat template.")
-    max_length: int = Field(256, ge=8, le=131072, description="Tokens per example; longer ones are truncated.")
+    chat_template: bool = Field(True, description="Wrap prompt/response in the tokenizer's chat template if it has one "
+                                "(`chat` always uses it).")
+    system_prompt: str | None = Field(
+        None, description="Optional system message for the chat template (instruction; `chat` keeps the rows' own).")
+    max_length: int = Field(256, ge=8, le=131072, description="Tokens per example; longer ones are truncated "
+                            "(`chat`: whole earliest turns are dropped).")
     max_samples: int | None = Field(
         None, ge=1, description="Cap on rows read after filtering (null = all); for quick runs."
     )
     split: SplitConfig = SplitConfig()
+    chat: ChatConfig = ChatConfig()
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _label_keys_as_text(cls, v: Any) -> Any:
+        # YAML reads `0:` as an int and `true:` as a bool; preprocess compares str(raw cell), so str() them.
+        if isinstance(v, dict):
+            return {str(k) if isinstance(k, (bool, int, float)) else k: val for k, val in v.items()}
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> PreprocessConfig:
+        if self.format != "chat" and not self.text_fields:
+            raise ValueError(f"format '{self.format}' needs at least one column in text_fields")
         if self.format == "classification" and (not self.label_field or len(self.labels) < 2):
             raise ValueError("format 'classification' needs label_field and at least two labels")
         if self.format == "instruction" and not self.label_field and not self.response_field:

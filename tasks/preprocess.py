@@ -4,9 +4,11 @@ Reads:  `data/raw/dataset.parquet`; `preprocess:` params; `model:` (for the toke
 Writes: `data/processed/` (`DatasetDict.save_to_disk`, splits train/validation/test, columns as in
         docs/architecture.md "Processed data columns"), atomically; `reports/preprocess.json`.
 Raises: DataError for a missing raw file, missing columns (listing those that exist), labels
-        outside `preprocess.labels` (with `unknown_labels: error`), an empty data set or one that
-        is empty after filtering, or too few rows/groups to split; ConfigError for a
-        `prompt_template` naming a field outside `text_fields`.
+        outside `preprocess.labels` (with `unknown_labels: error`), a bad conversation (with
+        `chat.bad_rows: error`, naming the row), an empty data set or one that is empty after
+        filtering, or too few rows/groups to split; ConfigError for a `prompt_template` naming a
+        field outside `text_fields`; ModelError for `chat` with a tokenizer whose chat template is
+        missing or cannot be masked (tasks/chat.py).
 
 Rules, in order:
 1. Rows whose text fields are all empty/whitespace are dropped (`empty_text`); so are
@@ -14,9 +16,13 @@ Rules, in order:
 2. Labels map raw value -> name through `preprocess.labels` (raw values compared as strings);
    class id = index of the name in `label_names` (names in first-seen order of the mapping).
    Unknown labels fail, or are dropped (`unknown_label`) with `unknown_labels: drop`.
-3. Rows repeating an earlier row's text fields (compared after stripping) are dropped
-   (`duplicate_text`) *before* splitting, so one text never sits in two splits.
-4. `max_samples` keeps a seeded random subset of what is left (original order kept).
+   `chat` rows are checked by `chat.normalise` instead (bad rows fail or are dropped per reason).
+3. Rows repeating an earlier row's text fields (compared after stripping; for `chat`, the
+   normalised messages) are dropped (`duplicate_text`) *before* splitting, so one text (one
+   conversation) never sits in two splits.
+4. `max_samples` keeps a seeded random subset of what is left (original order kept). `chat` rows
+   are then tokenised; a row whose final exchange cannot fit in `max_length` is dropped (`too_long`),
+   so split fractions count the rows actually written.
 5. Split by `split.group_by` (missing values: each row its own group): the sorted distinct
    groups are shuffled with `split.seed`, then test, then validation take groups until they hold
    their fraction of rows; the rest is train. Same rows + same seed = same split, whatever the
@@ -25,7 +31,10 @@ Rules, in order:
    `chat_template` is true and the tokenizer has one) and the response (label name, or
    `response_field`); `encode_pair` tokenises both. `text` trains on the rendered template text
    (+ end-of-sequence). `classification` tokenises the rendered text with the tokenizer's
-   special tokens; its `target` is the label name.
+   special tokens; its `target` is the label name. `chat` renders each conversation with the
+   tokenizer's chat template and trains on assistant turns only (`chat.train_on`), dropping whole
+   earliest exchanges when too long; `prompt` is the render before the last assistant turn (with
+   the generation prompt) and `target` that turn's content (tasks/chat.py).
 """
 
 from __future__ import annotations
@@ -35,15 +44,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks import atomic, layout
+from tasks import atomic, chat, layout
 from tasks.config import Params, PreprocessConfig
+from tasks.encoding import batch_token_ids, end_of_turn, join_pair, label_reserve, with_bos
 from tasks.errors import ConfigError, DataError
 
 SPLITS = ("train", "validation", "test")
-IGNORE = -100  # label value the causal-LM loss skips
-# When a prompt is too long, its middle is cut: the first 3/4 of the prompt budget come from its
-# start (system message, instruction) and the last 1/4 from its end (question + assistant marker).
-_TAIL_FRACTION = 4
 
 
 @dataclass(frozen=True)
@@ -96,10 +102,16 @@ def run(params: Params) -> PreprocessResult:
         raise DataError(f"{raw} has no rows; ingest a non-empty data set")
 
     rows, label_names, dropped = prepare_rows(df, cfg)
-    splits = split_rows(rows, cfg)
     tokenizer = models.load_tokenizer(models.resolve(params.model), params.model.trust_remote_code)
+    chat_stats = None
+    if cfg.format == "chat":  # tokenised before the split, so rows dropped as too long leave no split short
+        rows, chat_stats = chat.encode_rows(tokenizer, cfg, rows, dropped)
+        if not rows:
+            raise DataError(f"no conversation fits in preprocess.max_length {cfg.max_length} tokens "
+                            f"(dropped: {dropped}); raise max_length")
+    splits = split_rows(rows, cfg)
     encoded = {name: encode_rows(tokenizer, cfg, part) for name, part in splits.items()}
-    report = _report(encoded, label_names, dropped, cfg, params.model.base)
+    report = _report(encoded, label_names, dropped, cfg, params.model.base, chat_stats)
 
     with atomic.directory(root / layout.PROCESSED) as tmp:
         _dataset_dict(encoded, cfg.format).save_to_disk(str(tmp))
@@ -131,7 +143,10 @@ def _template_fields(cfg: PreprocessConfig) -> list[str]:
 
 
 def _check_columns(df, cfg: PreprocessConfig) -> None:
-    needed = {f"preprocess.text_fields[{i}]": c for i, c in enumerate(cfg.text_fields)}
+    if cfg.format == "chat":  # the tools column is optional
+        needed = {"preprocess.chat.messages_field": cfg.chat.messages_field}
+    else:
+        needed = {f"preprocess.text_fields[{i}]": c for i, c in enumerate(cfg.text_fields)}
     if _uses_labels(cfg):
         needed["preprocess.label_field"] = cfg.label_field
     if cfg.format == "instruction" and cfg.response_field:
@@ -158,49 +173,72 @@ def label_names_of(cfg: PreprocessConfig) -> list[str]:
     return list(dict.fromkeys(cfg.labels.values())) if _uses_labels(cfg) else []
 
 
+def _dropped_counts(cfg: PreprocessConfig) -> dict[str, int]:
+    if cfg.format == "chat":
+        return {**dict.fromkeys(chat.BAD_ROW_REASONS, 0), "duplicate_text": 0, "too_long": 0}
+    return {"empty_text": 0, "empty_response": 0, "unknown_label": 0, "duplicate_text": 0}
+
+
+def _read_row(rec: dict, number: int, cfg: PreprocessConfig, names: list[str], dropped: dict[str, int],
+              unknown: dict[str, list[int]]) -> tuple[dict, Any] | None:
+    """One raw record -> (row, duplicate key), or None when it is dropped (rules 1-2)."""
+    if cfg.format == "chat":
+        conv = chat.normalise(rec, number, cfg, dropped)
+        if conv is None:
+            return None
+        return {"fields": {}, "target": "", "label": -1, "conversation": conv, "number": number}, conv.key
+    texts = tuple(_as_text(rec[c]) for c in cfg.text_fields)
+    if not any(t.strip() for t in texts):
+        dropped["empty_text"] += 1
+        return None
+    label, target = -1, ""
+    if names:
+        raw_label = _as_text(rec[cfg.label_field])
+        if raw_label not in cfg.labels:
+            unknown.setdefault(raw_label, []).append(number)
+            dropped["unknown_label"] += 1
+            return None
+        target = cfg.labels[raw_label]
+        label = names.index(target)
+    elif cfg.format == "instruction":
+        target = _as_text(rec[cfg.response_field])
+        if not target.strip():  # nothing to learn: the loss would cover only end-of-turn
+            dropped["empty_response"] += 1
+            return None
+    row = {"fields": dict(zip(cfg.text_fields, texts)), "target": target, "label": label, "number": number}
+    return row, tuple(t.strip() for t in texts)
+
+
 def prepare_rows(df, cfg: PreprocessConfig) -> tuple[list[dict], list[str], dict[str, int]]:
     """Check columns, map labels, drop empty/unknown/duplicate rows (rules 1-4).
 
     Returns (rows, label_names, dropped): each row is {"fields": {text field: value}, "target",
-    "label", "group"}; dropped counts rows per reason.
+    "label", "group", "number" (raw row, from 0)}, plus "conversation" (chat.Conversation) for
+    `chat`; dropped counts rows per reason.
     """
     import numpy as np
 
     _check_columns(df, cfg)
-    _template_fields(cfg)
+    if cfg.format != "chat":
+        _template_fields(cfg)
     names = label_names_of(cfg)
-    dropped = {"empty_text": 0, "empty_response": 0, "unknown_label": 0, "duplicate_text": 0}
+    dropped = _dropped_counts(cfg)
     unknown: dict[str, list[int]] = {}
-    seen: set[tuple[str, ...]] = set()
+    seen: set = set()
     rows = []
     records = df.to_dict("records")
     for number, rec in enumerate(records):
-        texts = tuple(_as_text(rec[c]) for c in cfg.text_fields)
-        if not any(t.strip() for t in texts):
-            dropped["empty_text"] += 1
+        got = _read_row(rec, number, cfg, names, dropped, unknown)
+        if got is None:
             continue
-        label, target = -1, ""
-        if names:
-            raw_label = _as_text(rec[cfg.label_field])
-            if raw_label not in cfg.labels:
-                unknown.setdefault(raw_label, []).append(number)
-                dropped["unknown_label"] += 1
-                continue
-            target = cfg.labels[raw_label]
-            label = names.index(target)
-        elif cfg.format == "instruction":
-            target = _as_text(rec[cfg.response_field])
-            if not target.strip():  # nothing to learn: the loss would cover only end-of-turn
-                dropped["empty_response"] += 1
-                continue
-        key = tuple(t.strip() for t in texts)
+        row, key = got
         if key in seen:
             dropped["duplicate_text"] += 1
             continue
         seen.add(key)
         group = _as_text(rec[cfg.split.group_by]) if cfg.split.group_by else ""
-        rows.append({"fields": dict(zip(cfg.text_fields, texts)), "target": target, "label": label,
-                     "group": group or f"\0row{number}"})  # no group value: the row is its own group
+        row["group"] = group or f"\0row{number}"  # no group value: the row is its own group
+        rows.append(row)
     if unknown and cfg.unknown_labels == "error":
         shown = "; ".join(f"{v!r} ({len(ix)} rows, e.g. row {ix[0]})" for v, ix in list(unknown.items())[:10])
         raise DataError(
@@ -268,68 +306,30 @@ def render_prompt(tokenizer, cfg: PreprocessConfig, row: dict) -> str:
     return text + "\n"
 
 
-def _ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _batch_ids(tokenizer, texts: list[str]) -> list[list[int]]:
-    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-
-
-def _with_bos(tokenizer, ids: list[int]) -> list[int]:
-    bos = tokenizer.bos_token_id
-    return [bos, *ids] if bos is not None and (not ids or ids[0] != bos) else ids
-
-
-def _end_of_turn(tokenizer) -> list[int]:
-    """Token that ends the response: eos (`<|im_end|>` for ChatML models), so the model learns to stop."""
-    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-
-
-def encode_pair(tokenizer, prompt: str, response: str, max_length: int) -> tuple[list[int], list[int]]:
-    """Tokenise a rendered prompt and its response into (input_ids, labels).
-
-    input_ids = [bos?] + prompt tokens + response tokens + end-of-turn; labels are -100 on the
-    prompt and equal to input_ids on the response and end-of-turn, so the loss covers exactly the
-    response. Prompt and response are tokenised separately so the boundary never merges.
-    Over `max_length`: the response is kept whole (cut only if it alone exceeds half of
-    max_length), and the prompt loses its middle (start and end kept). Returns lists of ints.
-    """
-    ids, labels, _ = _join_pair(tokenizer, _ids(tokenizer, prompt), _ids(tokenizer, response), max_length)
-    return ids, labels
-
-
-def _join_pair(tokenizer, prompt_ids: list[int], response_ids: list[int],
-               max_length: int) -> tuple[list[int], list[int], bool]:
-    """`encode_pair` from already tokenised parts; also says whether anything was cut."""
-    prompt_ids = _with_bos(tokenizer, prompt_ids)
-    response_ids = response_ids + _end_of_turn(tokenizer)
-    truncated = len(prompt_ids) + len(response_ids) > max_length
-    if truncated:
-        response_ids = response_ids[: max(max_length - len(prompt_ids), max_length // 2)]
-        budget = max_length - len(response_ids)
-        if len(prompt_ids) > budget:
-            tail = budget // _TAIL_FRACTION
-            prompt_ids = prompt_ids[: budget - tail] + (prompt_ids[-tail:] if tail else [])
-    return prompt_ids + response_ids, [IGNORE] * len(prompt_ids) + response_ids, truncated
-
-
 def encode_rows(tokenizer, cfg: PreprocessConfig, rows: list[dict]) -> dict[str, list]:
-    """Columns for one split: input_ids, labels (causal LM), label, prompt, target, truncated."""
+    """Columns for one split: input_ids, labels (causal LM), label, prompt, target, truncated.
+
+    Label-name responses reserve the longest name's budget (`encoding.label_reserve`), so a cut
+    prompt is cut the same for every label, as evaluate scores it. `chat` rows come already
+    tokenised by `chat.encode_rows`.
+    """
+    if cfg.format == "chat":
+        return {k: [r[k] for r in rows] for k in ("input_ids", "labels", "label", "prompt", "target", "truncated")}
     prompts = [render_prompt(tokenizer, cfg, r["fields"]) for r in rows]
     targets = [r["target"] if cfg.format != "text" else "" for r in rows]
     cols: dict[str, list] = {"input_ids": [], "labels": [], "label": [r["label"] for r in rows],
                              "prompt": prompts, "target": targets, "truncated": []}
     if cfg.format == "instruction":
         # One batched call per side (same ids as encode_pair's per-text calls, much faster).
-        for p_ids, t_ids in zip(_batch_ids(tokenizer, prompts), _batch_ids(tokenizer, targets)):
-            ids, labels, truncated = _join_pair(tokenizer, p_ids, t_ids, cfg.max_length)
+        reserve = label_reserve(tokenizer, label_names_of(cfg))
+        for p_ids, t_ids in zip(batch_token_ids(tokenizer, prompts), batch_token_ids(tokenizer, targets)):
+            ids, labels, truncated = join_pair(tokenizer, p_ids, t_ids, cfg.max_length, reserve)
             cols["input_ids"].append(ids)
             cols["labels"].append(labels)
             cols["truncated"].append(truncated)
     elif cfg.format == "text":
-        for ids in _batch_ids(tokenizer, prompts):
-            ids = _with_bos(tokenizer, ids) + _end_of_turn(tokenizer)
+        for ids in batch_token_ids(tokenizer, prompts):
+            ids = with_bos(tokenizer, ids) + end_of_turn(tokenizer)
             cols["truncated"].append(len(ids) > cfg.max_length)
             cols["input_ids"].append(ids[: cfg.max_length])
             cols["labels"].append(ids[: cfg.max_length])
@@ -357,7 +357,7 @@ def _dataset_dict(encoded: dict[str, dict[str, list]], fmt: str):
 
 
 def _report(encoded: dict[str, dict[str, list]], label_names: list[str], dropped: dict[str, int],
-            cfg: PreprocessConfig, model_spec: str) -> dict:
+            cfg: PreprocessConfig, model_spec: str, chat_stats: dict | None = None) -> dict:
     import numpy as np
 
     lengths = np.array([len(ids) for cols in encoded.values() for ids in cols["input_ids"]])
@@ -366,7 +366,7 @@ def _report(encoded: dict[str, dict[str, list]], label_names: list[str], dropped
         name: {(label_names[i] if i >= 0 else "none"): cols["label"].count(i) for i in sorted(set(cols["label"]))}
         for name, cols in encoded.items()
     }
-    return {
+    report = {
         "format": cfg.format,
         "tokenizer": model_spec,
         "max_length": cfg.max_length,
@@ -384,3 +384,6 @@ def _report(encoded: dict[str, dict[str, list]], label_names: list[str], dropped
         "split": {"seed": cfg.split.seed, "group_by": cfg.split.group_by,
                   "validation": cfg.split.validation, "test": cfg.split.test},
     }
+    if chat_stats is not None:  # messages removed: whole earliest exchanges (to fit), and after the last answer
+        report["chat"] = {**chat_stats, "train_on": cfg.chat.train_on}
+    return report

@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 from datasets import load_from_disk
 
-from tasks import ingest, layout, models, preprocess
+from tasks import encoding, ingest, layout, models, preprocess
 from tasks.config import parse_params
 from tasks.errors import ConfigError, DataError
 
-IGNORE = preprocess.IGNORE
+IGNORE = encoding.IGNORE
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_loss_mask_covers_exactly_the_response_and_end_of_turn(tok, chat):
     cfg = params(chat_template=chat, system_prompt="Be brief.").preprocess
     prompt = preprocess.render_prompt(tok, cfg, {"text": "a fine film"})
     assert ("<|im_start|>assistant\n" in prompt) == chat and ("Be brief." in prompt) == chat
-    ids, labels = preprocess.encode_pair(tok, prompt, "positive", cfg.max_length)
+    ids, labels = encoding.encode_pair(tok, prompt, "positive", cfg.max_length)
     assert len(ids) == len(labels)
     n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
     assert labels[:n_prompt] == [IGNORE] * n_prompt
@@ -60,7 +60,7 @@ def test_loss_mask_covers_exactly_the_response_and_end_of_turn(tok, chat):
 
 def test_truncation_keeps_response_and_cuts_prompt_middle(tok):
     prompt = "HEAD " + "x" * 500 + " TAIL"
-    ids, labels = preprocess.encode_pair(tok, prompt, "negative", 64)
+    ids, labels = encoding.encode_pair(tok, prompt, "negative", 64)
     assert len(ids) == 64
     kept = [i for i, lab in zip(ids, labels) if lab != IGNORE]
     assert tok.decode(kept) == "negative<|im_end|>"
@@ -76,7 +76,7 @@ def test_processed_rows_have_the_documented_columns(tok):
     for ids, labels, label, prompt, target in zip(cols["input_ids"], cols["labels"], cols["label"], cols["prompt"],
                                                   cols["target"]):
         assert target == names[label]
-        assert (ids, labels) == preprocess.encode_pair(tok, prompt, target, cfg.max_length)  # evaluation reuses it
+        assert (ids, labels) == encoding.encode_pair(tok, prompt, target, cfg.max_length)  # evaluation reuses it
         response = [i for i, lab in zip(ids, labels) if lab != IGNORE]
         assert tok.decode(response) == target + "<|im_end|>"
 
