@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import logging
 import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tasks import atomic, gate, layout, models, promote, tracking
+from tasks import atomic, gate, layout, models, predictions, processed, promote, tracking
 from tasks.adapters import adapter_sha256
 from tasks.config import Params
 from tasks.errors import ModelError, PeftflowError
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 TAG_TOKEN = "peftflow.run_token"
 TAG_GATE = "peftflow.gate.promote"  # "true" / "false" / "skipped": its presence = registration complete
 TAG_GATE_REASON = "peftflow.gate.reason"
+TAG_GATE_REFERENCE = "peftflow.gate.reference"
+TAG_EVAL_FINGERPRINT = "eval.fingerprint"  # evalset.fingerprint: which rows, scored how
+TAG_GATE_IMPROVEMENT = "peftflow.gate.improvement"  # JSON {value, low, high} of the primary metric
 MODEL_ARTIFACT = "registered_model"  # where the pyfunc model folder goes inside the run
 MODEL_CODE = Path(__file__).with_name("adapter_pyfunc.py")
 REQUIREMENTS = ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "mlflow", "pandas")
@@ -96,25 +100,45 @@ def _pip_requirements() -> list[str]:
 
 
 def _model_config(params: Params, base: models.BaseModel) -> dict:
-    classification = params.preprocess.format == "classification"
+    """The pyfunc's `model_config` (keys documented in tasks/adapter_pyfunc.py)."""
+    fmt = params.preprocess.format
+    classification, chat_format = fmt == "classification", fmt == "chat"
     label_names = ((tracking.read_report(params, "preprocess") or {}).get("label_names")
                    or (tracking.read_report(params, "evaluate") or {}).get("label_names") or [])
     if classification and not label_names:
         raise PeftflowError(f"{layout.report('preprocess')} has no label_names; run `python -m tasks preprocess`")
-    return {
+    config = {
         "base_spec": base.spec, "base_path": base.path, "base_revision": base.revision or "",
         "base_weights_sha256": base.weights_sha256,
-        "task": "classification" if classification else "causal-lm", "label_names": list(label_names),
-        "max_new_tokens": params.evaluate.max_new_tokens, "chat_template": params.preprocess.chat_template,
-        "system_prompt": params.preprocess.system_prompt or "",
+        "task": "classification" if classification else "chat" if chat_format else "causal-lm",
+        "label_names": list(label_names), "max_new_tokens": params.evaluate.max_new_tokens,
+        # chat training always renders the template and keeps each conversation's own system turn
+        "chat_template": params.preprocess.chat_template or chat_format,
+        "system_prompt": "" if chat_format else params.preprocess.system_prompt or "",
     }
+    if not classification:
+        from transformers import AutoTokenizer
+
+        from tasks.chat import stop_token_ids
+
+        # The same end-of-turn ids training supervised and evaluation stops at (the adapter's tokenizer).
+        tokenizer = AutoTokenizer.from_pretrained(Path(params.root) / layout.ADAPTER)
+        config["stop_token_ids"] = [int(i) for i in stop_token_ids(tokenizer)]
+    return config
 
 
 def _signature(params: Params):
+    """Classifiers take one string column. Causal-LM and chat versions take prompt strings OR chat
+    requests, so they have no input schema (params schema only): with MLflow 3.17 an unnamed string
+    column refuses `{"messages": [...]}`, and named optional columns (`prompt`: string, `messages`:
+    Array(Object(role, content))) silently turn a plain list of strings into an empty DataFrame, drop
+    `tools`, and reject messages with other keys (tool_calls) or several conversations under
+    `inputs`. adapter_pyfunc checks the input itself and answers bad shapes with a 400."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    return ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]),
+    inputs = Schema([ColSpec("string")]) if params.preprocess.format == "classification" else None
+    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("string")]),
                           params=ParamSchema([ParamSpec("max_new_tokens", "long", params.evaluate.max_new_tokens)]))
 
 
@@ -127,12 +151,9 @@ def _version_tags(params: Params, token: str, adapter_sha: str, lineage: dict, e
     for section in ("base", "adapter", "lift"):
         for k, v in tracking.numeric_leaves(evaluation.get(section) or {}, "").items():
             tags[f"metric.{section}.{k}"] = repr(v)
+    if evaluation.get("fingerprint"):
+        tags[TAG_EVAL_FINGERPRINT] = evaluation["fingerprint"]
     return tags
-
-
-def _version_metrics(version, section: str = "adapter") -> dict[str, float]:
-    prefix = f"metric.{section}."
-    return {k[len(prefix):]: float(v) for k, v in version.tags.items() if k.startswith(prefix)}
 
 
 def artifact_adapter_dir(model_dir: Path) -> Path:
@@ -183,21 +204,82 @@ def _verify_stored(params: Params, name: str, version: str, adapter_sha: str) ->
                          f"expected {adapter_sha}; the version was deleted, re-run `python -m tasks register`")
 
 
-def _gate(client, params: Params, name: str, version: str, evaluation: dict) -> tuple[bool, str, str | None]:
-    """Apply the promotion gate to `version`; returns (promoted, reason, champion after)."""
+@dataclass(frozen=True)
+class GateOutcome:
+    promoted: bool
+    reason: str
+    reference: str  # what the candidate was compared with ("champion v3", "base (calibrated)", ...)
+    improvement: tuple[float, float | None, float | None] | None  # primary metric, higher = better
+
+
+def _champion_table(client, params: Params, name: str, current: str, rows: list[int], fingerprint: str | None):
+    """The champion's per-row table on this run's rows, or (None, why it cannot be compared).
+
+    When the champion was evaluated with this run's fingerprint (same rows, base and settings),
+    its recorded table (its run's reports/predictions.csv) IS its table on these rows; otherwise
+    the champion is downloaded (hash-checked) and scored on them now.
+    """
+    import mlflow
+
+    from tasks import judge
+
+    mv = client.get_model_version(name, current)
+    with tempfile.TemporaryDirectory() as tmp:
+        if fingerprint and mv.tags.get(TAG_EVAL_FINGERPRINT) == fingerprint and mv.run_id:
+            local = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=str(layout.PREDICTIONS),
+                                                        dst_path=tmp, tracking_uri=tracking.tracking_uri(params))
+            recorded_rows, _, table = predictions.read(Path(local))
+            if recorded_rows == rows:
+                return table, ""
+        try:
+            adapter, config = download_adapter(f"models:/{name}/{current}", params, Path(tmp))
+            names = processed.label_names(params.root)
+            if list(config.get("label_names") or []) != names:
+                return None, f"its label names {config.get('label_names')} differ from this run's {names}"
+            return judge.champion_rows(params, adapter, rows), ""
+        except ModelError as err:
+            return None, str(err)
+
+
+def _gate(client, params: Params, name: str, version: str, evaluation: dict) -> GateOutcome:
+    """Apply the promotion gate to `version`: candidate vs the champion re-scored on this run's
+    test rows (or vs the strongest base reference when there is no champion), paired intervals."""
+    from tasks import judge
+
     cfg = params.register
+    rows, base_cols, candidate = predictions.read(Path(params.root) / layout.PREDICTIONS)
+    n_classes = max(len(processed.label_names(params.root)), 1)
     current = promote.alias_version(client, name, promote.CHAMPION)
-    champion = _version_metrics(client.get_model_version(name, current)) if current else None
-    decision = gate.decide(evaluation.get("adapter") or {}, champion, evaluation.get("base") or {},
-                           cfg.primary_metric, cfg.min_delta, dict(cfg.guards))
-    reason = f"vs champion v{current}: {decision.reason}" if current else f"no champion yet: {decision.reason}"
-    promoted, after = False, current
+    reference, ref_name = base_cols, None
+    if current and current != version:
+        reference, why = _champion_table(client, params, name, current, rows, evaluation.get("fingerprint"))
+        if reference is None:
+            return GateOutcome(False, f"champion v{current} cannot be scored on this run's test rows ({why}); "
+                               f"compare and promote by hand (`python -m tasks.promote promote {version}`)",
+                               f"champion v{current}", None)
+        ref_name = f"champion v{current}"
+    primary, guards, ref_label = judge.comparisons(params, candidate, reference, ref_name, n_classes)
+    decision = gate.decide(primary, guards, ref_label, cfg.min_delta, dict(cfg.guards))
+    reason = decision.reason if current else f"no champion yet: {decision.reason}"
+    promoted = False
     if decision.promote:
         move = promote.move_champion(client, name, version, current, reason)
-        promoted, after = move.moved, move.champion
+        promoted = move.moved
         if not move.moved:
             reason += f"; not applied: {move.note}"
-    return promoted, reason, after
+    return GateOutcome(promoted, reason, ref_label, decision.improvement)
+
+
+def _record_gate(client, params: Params, name: str, version: str, outcome: GateOutcome | None, reason: str) -> None:
+    """The decision on the version: reason, verdict, reference and the interval of the improvement."""
+    tags = {TAG_GATE_REASON: reason[:5000], TAG_GATE: "skipped" if outcome is None else str(outcome.promoted).lower()}
+    if outcome is not None:
+        tags[TAG_GATE_REFERENCE] = outcome.reference
+        if outcome.improvement is not None:
+            tags[TAG_GATE_IMPROVEMENT] = json.dumps(dict(zip(("value", "low", "high"), outcome.improvement)))
+    for key in (TAG_GATE_REFERENCE, TAG_GATE_IMPROVEMENT, TAG_GATE_REASON, TAG_GATE):  # TAG_GATE last: "complete"
+        if key in tags:
+            client.set_model_version_tag(name, version, key, tags[key])
 
 
 def run(params: Params, run_id: str | None = None) -> RegisterResult:
@@ -261,20 +343,23 @@ def run(params: Params, run_id: str | None = None) -> RegisterResult:
 
             mv = client.get_model_version(cfg.model_name, version)
             promoted: bool | None = None
+            outcome: GateOutcome | None = None
             if TAG_GATE in mv.tags:  # registration of this version completed before: keep its decision
                 reason = mv.tags.get(TAG_GATE_REASON, "")
             else:
                 client.set_registered_model_alias(cfg.model_name, promote.CHALLENGER, version)
                 if cfg.promote:
-                    promoted, reason, _ = _gate(client, params, cfg.model_name, version, evaluation)
+                    outcome = _gate(client, params, cfg.model_name, version, evaluation)
+                    promoted, reason = outcome.promoted, outcome.reason
                 else:
                     reason = "gate disabled (register.promote: false)"
-                client.set_model_version_tag(cfg.model_name, version, TAG_GATE_REASON, reason[:5000])
-                client.set_model_version_tag(cfg.model_name, version, TAG_GATE,
-                                             "skipped" if promoted is None else str(promoted).lower())
+                _record_gate(client, params, cfg.model_name, version, outcome, reason)
         champion = promote.alias_version(client, cfg.model_name, promote.CHAMPION)
-        client.log_batch(run_id, metrics=[Metric("gate_promoted", float(bool(promoted)), tracking.now_ms(), 0)]
-                         if promoted is not None else [],
+        gate_metrics = {"gate_promoted": float(bool(promoted))} if promoted is not None else {}
+        if outcome is not None and outcome.improvement is not None:
+            gate_metrics.update({f"gate_improvement{suffix}": v for suffix, v in
+                                 zip(("", "_low", "_high"), outcome.improvement) if v is not None})
+        client.log_batch(run_id, metrics=[Metric(k, v, tracking.now_ms(), 0) for k, v in gate_metrics.items()],
                          tags=[RunTag("registered.model", cfg.model_name), RunTag("registered.version", version),
                                RunTag("gate.reason", reason[:5000])])
         result = RegisterResult(run_id, cfg.model_name, version, token, adapter_sha, created, promoted, reason, champion)

@@ -8,6 +8,8 @@ import hashlib
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -42,7 +44,39 @@ def logits(model, tokenizer, prompts=PROMPTS) -> torch.Tensor:
         return torch.cat([model(**tokenizer(p, return_tensors="pt")).logits[0] for p in prompts])
 
 
-def make_trained_project(root: Path, *, seed: int = 1, accuracy: float = 0.7, f1: float = 0.65,
+N_ROWS = 400
+LABELS = np.arange(N_ROWS) % 2  # balanced: the majority label scores 0.5, as the base does
+ERROR_ORDER = np.random.default_rng(0).permutation(N_ROWS)  # errors fall on a fixed row order
+
+
+def predicted(accuracy: float) -> np.ndarray:
+    """Predictions right on all but the first (1 - accuracy) * N rows of ERROR_ORDER: a more
+    accurate table is right wherever a less accurate one is (so paired differences are clear)."""
+    pred = LABELS.copy()
+    wrong = ERROR_ORDER[: round((1 - accuracy) * N_ROWS)]
+    pred[wrong] = 1 - pred[wrong]
+    return pred
+
+
+def write_evaluation(root: Path, accuracy: float) -> None:
+    """reports/evaluate.json + a per-row reports/predictions.csv (tasks/predictions.py) for 400
+    test rows: base 50% accurate, the adapter `accuracy`. The fingerprint is
+    the same for every fixture project, as for evaluations of the same rows."""
+    from tasks import metrics
+
+    base, adapter = predicted(0.5), predicted(accuracy)
+    rows = {"row": range(N_ROWS), "prompt": [f"review {k}" for k in range(N_ROWS)],
+            "reference": ["positive" if y else "negative" for y in LABELS], "base_output": "", "adapter_output": "",
+            "label": LABELS, "majority": np.ones(N_ROWS, dtype=np.int64), "base.pred": base, "adapter.pred": adapter}
+    pd.DataFrame(rows).to_csv(root / layout.PREDICTIONS, index=False)
+    scores = {w: {"accuracy": metrics.accuracy(LABELS, p), "f1_macro": metrics.f1_macro(LABELS, p, 2)}
+              for w, p in (("base", base), ("adapter", adapter))}
+    atomic.write_json(root / layout.report("evaluate"), {
+        **scores, "lift": {k: scores["adapter"][k] - scores["base"][k] for k in scores["base"]},
+        "fingerprint": "fixture-evaluation", "n_samples": N_ROWS})
+
+
+def make_trained_project(root: Path, *, seed: int = 1, accuracy: float = 0.7,
                          overrides: dict | None = None):
     """Project at `root` with models/adapter/ and reports/{ingest,preprocess,train,evaluate}.json,
     train_log.csv, predictions.csv. Returns (params, peft_model, tokenizer)."""
@@ -63,15 +97,10 @@ def make_trained_project(root: Path, *, seed: int = 1, accuracy: float = 0.7, f1
     atomic.write_json(reports / "train.json", {
         "adapter_sha256": adapter_sha256(adapter), "fingerprint": f"fp-{seed}", "tokens_trained": 4096,
         "wall_seconds": 12.5, "device": "cpu", "final_loss": 2.25, "steps": 4})
-    base_metrics = {"accuracy": 0.5, "f1_macro": 0.4}
-    adapter_metrics = {"accuracy": accuracy, "f1_macro": f1}
-    atomic.write_json(reports / "evaluate.json", {
-        "base": base_metrics, "adapter": adapter_metrics,
-        "lift": {k: adapter_metrics[k] - base_metrics[k] for k in base_metrics}})
     with open(root / layout.TRAIN_LOG, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["step", "loss", "learning_rate", "grad_norm", "tokens_per_second"])
         for step in range(1, 5):
             w.writerow([step, 3.0 - 0.2 * step, 1e-3, 0.5, 1000.0 + step])
-    (root / layout.PREDICTIONS).write_text("prompt,target,prediction\nfine,positive,positive\n")
+    write_evaluation(root, accuracy)
     return params, model, tok

@@ -49,8 +49,8 @@ def server(tmp_path_factory):
     srv.stop()
 
 
-def project(root: Path, model_name: str, seed: int, accuracy: float = 0.7, f1: float = 0.65):
-    params, _, _ = make_trained_project(root, seed=seed, accuracy=accuracy, f1=f1,
+def project(root: Path, model_name: str, seed: int, accuracy: float = 0.7):
+    params, _, _ = make_trained_project(root, seed=seed, accuracy=accuracy,
                                         overrides={"register": {"model_name": model_name}})
     return params
 
@@ -88,8 +88,8 @@ def cleanup_and_check(params, server: MlflowServer, **kw) -> invariants.Report:
 
 def test_eight_concurrent_registrations_one_version_each_and_best_is_champion(server, tmp_path):
     name = "chaos-concurrent"
-    scores = [(0.6, 0.55), (0.9, 0.85), (0.7, 0.65), (0.8, 0.75)]  # the second pipeline run is the best
-    runs = [project(tmp_path / f"p{i}", name, seed=40 + i, accuracy=a, f1=f) for i, (a, f) in enumerate(scores)]
+    scores = [0.6, 0.9, 0.7, 0.8]  # the second pipeline run is the best
+    runs = [project(tmp_path / f"p{i}", name, seed=40 + i, accuracy=a) for i, a in enumerate(scores)]
     procs = [start_register(p, server.url) for p in runs for _ in range(2)]
     errors = [p.communicate(timeout=900)[1] for p in procs]
     assert [p.returncode for p in procs] == [0] * 8, "\n".join(e[-2000:] for e in errors)
@@ -183,7 +183,7 @@ def test_tracking_server_killed_for_60s_loses_no_point(server, tmp_path):
 
 def test_failed_registration_leaves_aliases_alone(server, tmp_path):
     """A register that fails (adapter changed since training) changes neither versions nor aliases."""
-    params = project(tmp_path / "p", "chaos-concurrent", seed=81, accuracy=0.99, f1=0.99)
+    params = project(tmp_path / "p", "chaos-concurrent", seed=81, accuracy=0.99)
     c = tracking.client(params)
     before = invariants.registry_snapshot(c, params.register.model_name)
     (params.root / "models/adapter/adapter_config.json").write_text("{}")
