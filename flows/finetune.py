@@ -45,6 +45,8 @@ def build_summary(params: Params, data, outcomes: dict[str, stages.StageOutcome]
         stages={k: "skipped (up to date)" if o.skipped else f"ran {o.seconds:.1f} s" for k, o in outcomes.items()},
         base_metrics=dict(evaluation.get("base") or {}),
         adapter_metrics=dict(evaluation.get("adapter") or {}),
+        intervals=dict(evaluation.get("intervals") or {}),
+        n_rows=int(evaluation.get("n_samples") or 0),
         **stages.registration_fields(params, reg),
     )
 

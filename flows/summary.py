@@ -35,6 +35,8 @@ class RunSummary:
     stages: dict[str, str]  # stage -> "ran 12.3 s" | "skipped (up to date)"
     base_metrics: dict[str, float] = field(default_factory=dict)
     adapter_metrics: dict[str, float] = field(default_factory=dict)
+    intervals: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # section -> metric -> [low, high]
+    n_rows: int = 0  # test rows scored
     model_name: str = ""
     version: str | None = None  # registered model version (None: nothing new registered)
     alias: str | None = None  # alias the version holds after the gate (champion / challenger)
@@ -57,11 +59,23 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if _number(v) and isinstance(v, float) else str(v)
 
 
+def _ci(s: RunSummary, section: str, metric: str, signed: bool = False) -> str:
+    low, high = (s.intervals.get(section) or {}).get(metric) or (None, None)
+    if not (_number(low) and _number(high)):
+        return ""
+    return f" [{low:+.3f}, {high:+.3f}]" if signed else f" [{low:.3f}, {high:.3f}]"
+
+
 def _metric_rows(s: RunSummary) -> list[tuple[str, str, str, str]]:
+    """(metric, base, adapter, lift), each figure with its 95% interval."""
     names = [k for k in s.adapter_metrics if _number(s.adapter_metrics[k])]
     lift = s.lift
-    return [(k, _fmt(s.base_metrics.get(k, "–")), _fmt(s.adapter_metrics[k]),
-             f"{lift[k]:+.4f}" if k in lift else "–") for k in names]
+    return [(k, _fmt(s.base_metrics.get(k, "–")) + _ci(s, "base", k), _fmt(s.adapter_metrics[k]) + _ci(s, "adapter", k),
+             f"{lift[k]:+.4f}{_ci(s, 'lift', k, signed=True)}" if k in lift else "–") for k in names]
+
+
+def _metric_title(s: RunSummary) -> str:
+    return f"metrics on {s.n_rows} test rows, [95% bootstrap interval]" if s.n_rows else "metrics"
 
 
 def markdown(s: RunSummary) -> str:
@@ -72,7 +86,7 @@ def markdown(s: RunSummary) -> str:
     if s.run_url:
         lines.append(f"\nMLflow run: [{s.run_url}]({s.run_url})")
     lines += ["", f"Data: `{layout.RAW_DATA}` md5 `{s.data_md5}`, {s.data_rows} rows. Project: `{s.project}`", "",
-              "| metric | base | adapter | lift |", "|---|---|---|---|"]
+              f"{_metric_title(s)}:", "", "| metric | base | adapter | lift |", "|---|---|---|---|"]
     lines += [f"| {' | '.join(row)} |" for row in _metric_rows(s)]
     lines += ["", "| stage | this run |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in s.stages.items()]
@@ -93,7 +107,8 @@ def print_table(s: RunSummary, console=None) -> None:
     from rich.table import Table
 
     console = console or Console()
-    metrics = Table(title=f"peftflow: {s.model_name} v{s.version or '–'} · alias {s.alias or 'none'}")
+    metrics = Table(title=f"peftflow: {s.model_name} v{s.version or '–'} · alias {s.alias or 'none'}",
+                    caption=_metric_title(s))
     for col in ("metric", "base", "adapter", "lift"):
         metrics.add_column(col, justify="left" if col == "metric" else "right")
     for row in _metric_rows(s):
