@@ -17,22 +17,23 @@ adapter and report already match the fingerprint is not retrained.
 Several devices (`train.devices` > 1): `run` launches one process per device under torchrun
 (tasks/distributed.py); each trains one share of every global batch (DDP) and rank 0 alone
 writes the outputs above.
+
+Code: this module plans, keeps the books and writes the outputs (`fit` lists the steps);
+tasks/trainers.py, imported lazily, holds the Trainer subclass, its callbacks and the loop.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tasks import atomic, checkpoints, distributed, layout, models, peft_methods
 from tasks.adapters import adapter_sha256
 from tasks.config import Params, TrainConfig
-from tasks.errors import ConfigError, DataError, ModelError, TrainingError
+from tasks.errors import ConfigError, DataError, ModelError
 
 LOG_FIELDS = ("step", "loss", "learning_rate", "grad_norm", "tokens_per_second")
 INITIAL_ADAPTER = "initial-adapter"  # PiSSA/OLoRA: the adapter before training, for weight conversion
@@ -129,113 +130,27 @@ def _finished(params: Params, fp: str) -> dict | None:
     return done if adapter_sha256(adapter) == done.get("adapter_sha256") else None
 
 
-def _trainer_class():
-    import torch
-    from transformers import Trainer, TrainerCallback
+@dataclass(frozen=True)
+class Plan:
+    """What this process trains, settled before any model is loaded (`plan`)."""
 
-    class PeftflowTrainer(Trainer):
-        """Trainer that stops on a non-finite loss at once and logs tokens/s per logging step."""
+    device: str  # "cpu" | "cuda"
+    dtype_name: str  # "fp32" | "bf16"
+    base: models.BaseModel
+    data: Any  # the processed DatasetDict
+    label_names: list[str] | None  # None: causal LM; else the classification labels
+    rank: int
+    world: int
+    fingerprint: str  # hash of every input of training: names checkpoints/<fingerprint>/
+    run_dir: Path  # checkpoints/<fingerprint>/
 
-        _mark: tuple[float, int] | None = None
+    @property
+    def classification(self) -> bool:
+        return self.label_names is not None
 
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            if self._mark is None:
-                self._mark = (time.perf_counter(), self.state.num_input_tokens_seen)
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            if not torch.isfinite(loss).all():
-                raise TrainingError(
-                    f"non-finite loss ({loss.float().item()}) at step {self.state.global_step + 1} of "
-                    f"{self.args.max_steps} (train.learning_rate = {self.args.learning_rate}); lower the learning "
-                    f"rate, or check the data (a batch whose labels are all -100, e.g. responses cut off by "
-                    f"preprocess.max_length, has no loss). No adapter was written."
-                )
-            return loss
-
-        def log(self, logs, start_time=None):
-            if "loss" in logs and self._mark is not None:
-                now, tokens = time.perf_counter(), self.state.num_input_tokens_seen
-                logs["tokens_per_second"] = (tokens - self._mark[1]) / max(now - self._mark[0], 1e-9)
-                self._mark = (now, tokens)
-            super().log(logs, start_time)
-
-    class ManifestOnSave(TrainerCallback):
-        """on_save runs after the Trainer has written the whole checkpoint: seal it with a manifest."""
-
-        def on_save(self, args, state, control, **kwargs):
-            rank, world = distributed.worker()
-            if world > 1:  # every rank writes its own RNG state into the checkpoint: seal after all did
-                torch.distributed.barrier()
-            if rank == 0:
-                checkpoints.write_manifest(Path(args.output_dir) / f"checkpoint-{state.global_step}")
-
-    class AdaLoraBudget(TrainerCallback):
-        """AdaLoRA reallocates ranks from the gradients, between optimizer.step() and zero_grad()."""
-
-        def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-            model.base_model.update_and_allocate(state.global_step)
-
-    return PeftflowTrainer, ManifestOnSave, AdaLoraBudget
-
-
-def _collator(tokenizer, classification: bool):
-    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
-
-    if classification:  # renames `label` -> `labels` and pads input_ids/attention_mask
-        return DataCollatorWithPadding(tokenizer)
-    # pads input_ids and attention_mask with the pad token, labels with -100
-    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
-
-
-def _save_initial_adapter(model, folder: Path) -> None:
-    """PiSSA/OLoRA: keep the pre-training adapter so the final one can be converted to plain LoRA."""
-    if folder.is_dir():
-        return
-    cfg = model.peft_config["default"]
-    init = cfg.init_lora_weights
-    cfg.init_lora_weights = True  # peft requires this marker on the initial adapter it converts against
-    try:
-        with atomic.directory(folder) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
-    finally:
-        cfg.init_lora_weights = init
-
-
-def _write_log(path: Path, log_history: list[dict]) -> list[dict]:
-    rows = [
-        {k: entry.get(k, "") for k in LOG_FIELDS}
-        for entry in log_history if "loss" in entry and "step" in entry
-    ]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=LOG_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic.write_text(path, buf.getvalue())
-    return rows
-
-
-def _write_loss_curve(path: Path, rows: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.2)
-    ax.set(xlabel="optimizer step", ylabel="training loss", title="Training loss")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic.write_bytes(path, buf.getvalue())
-
-
-def _peak_memory(device: str) -> tuple[int, str]:
-    import torch
-
-    if device == "cuda":
-        return int(torch.cuda.max_memory_allocated()), "cuda_max_allocated"
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process_max_rss"
+    @property
+    def task_type(self) -> str:
+        return "SEQ_CLS" if self.classification else "CAUSAL_LM"
 
 
 def run(params: Params) -> TrainResult | None:
@@ -246,14 +161,7 @@ def run(params: Params) -> TrainResult | None:
     """
     world = distributed.world_size(params.train, resolve_device(params.train))
     if world > 1 and distributed.worker()[1] == 1:
-        report_path = params.root / layout.report("train")
-        before = report_path.read_bytes() if report_path.is_file() else None
-        distributed.launch(params, world)
-        raw = report_path.read_bytes()
-        done = json.loads(raw)
-        return TrainResult(str(params.root / layout.ADAPTER), done["fingerprint"], done["steps"], done["final_loss"],
-                           done["tokens_trained"], done["wall_seconds"], done["adapter_sha256"],
-                           done["resumed_from_step"], skipped=raw == before)
+        return _launch(params, world)
     from tasks import fastpath
 
     try:
@@ -263,15 +171,55 @@ def run(params: Params) -> TrainResult | None:
 
 
 def fit(params: Params):
-    """`run`, also returning the trained PeftModel in memory (None when skipped), for checks."""
-    cfg, root = params.train, params.root
+    """`run` in this process, also returning the trained PeftModel (None when skipped), for checks.
+
+    The steps, each a function below: plan -> already finished? -> housekeeping -> build model
+    -> training arguments -> train or restore -> write outputs.
+    """
+    plan = make_plan(params)
+    done = _finished(params, plan.fingerprint)
+    if done is not None:
+        return _result(params, done, skipped=True), None
+    from tasks import trainers  # torch and transformers: only once there is something to train
+
+    started = time.perf_counter()
+    resume = housekeeping(params, plan)
+    model, tokenizer, initial = build_model(params, plan)
+    trainer, model = make_trainer(params, plan, model, tokenizer)  # its arguments: training_arguments()
+    trained = trainers.train_or_restore(trainer, model, resume, params.train.max_steps)
+    if plan.rank != 0:  # the trained weights are identical on every rank; rank 0 writes them
+        return None, model
+    report = write_outputs(params, plan, model, tokenizer, initial, trained, started)
+    return _result(params, report, skipped=False), model
+
+
+def _result(params: Params, report: dict, *, skipped: bool) -> TrainResult:
+    """The one way to build a TrainResult: from the fields of reports/train.json. A skipped run
+    trained nothing here, so it took no time and resumed from nothing."""
+    return TrainResult(str(params.root / layout.ADAPTER), report["fingerprint"], report["steps"],
+                       report["final_loss"], report["tokens_trained"], 0.0 if skipped else report["wall_seconds"],
+                       report["adapter_sha256"], None if skipped else report["resumed_from_step"], skipped=skipped)
+
+
+def _launch(params: Params, world: int) -> TrainResult:
+    """Train with `world` worker processes; the result is what rank 0 wrote (skipped when it left
+    reports/train.json byte-identical)."""
+    report_path = params.root / layout.report("train")
+    before = report_path.read_bytes() if report_path.is_file() else None
+    distributed.launch(params, world)
+    raw = report_path.read_bytes()
+    return _result(params, json.loads(raw), skipped=raw == before)
+
+
+def make_plan(params: Params) -> Plan:
+    """Device, precision, data, base model and fingerprint; raises ConfigError/ModelError/DataError
+    before any model is loaded."""
+    cfg = params.train
     device = resolve_device(cfg)
     check_quantization(cfg, device)  # before any model or data is touched
     dtype_name = resolve_dtype(cfg, device)
     data, label_names = load_processed(params)
-    classification = label_names is not None
     base = models.resolve(params.model)
-
     rank, world = distributed.worker()
     fp = checkpoints.fingerprint({
         "world_size": world,  # summation order across processes shapes the last bits of the weights
@@ -279,27 +227,32 @@ def fit(params: Params):
         "preprocess": params.preprocess.model_dump(mode="json"),
         "train": cfg.model_dump(mode="json"),
         "base_weights": base.weights_sha256,
-        "data": data_sha256(root / layout.PROCESSED),
+        "data": data_sha256(params.root / layout.PROCESSED),
         "device": device,
         "dtype": dtype_name,
     })
-    done = _finished(params, fp)
-    if done is not None:
-        return TrainResult(str(root / layout.ADAPTER), fp, done["steps"], done["final_loss"], done["tokens_trained"],
-                           0.0, done["adapter_sha256"], None, skipped=True), None
+    return Plan(device, dtype_name, base, data, label_names, rank, world, fp,
+                params.root / layout.CHECKPOINTS / fp)
 
-    import peft
-    import torch
-    from transformers import TrainingArguments, set_seed
 
-    started = time.perf_counter()
-    run_dir = root / layout.CHECKPOINTS / fp
+def housekeeping(params: Params, plan: Plan) -> Path | None:
+    """Delete stale temp folders and other fingerprints' checkpoints; return the checkpoint to
+    resume from (the newest whose manifest verifies), if any."""
+    root = params.root
     with distributed.exclusive(root / layout.CHECKPOINTS):  # several ranks: the first one deletes
         atomic.clean_stale((root / layout.ADAPTER).parent)
-        checkpoints.prune_other_runs(root / layout.CHECKPOINTS, keep=fp)
-        resume = checkpoints.latest_valid(run_dir)
+        checkpoints.prune_other_runs(root / layout.CHECKPOINTS, keep=plan.fingerprint)
+        return checkpoints.latest_valid(plan.run_dir)
 
-    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+
+def build_model(params: Params, plan: Plan):
+    """(PeftModel, tokenizer, initial adapter folder or None): the base model with the adapter of
+    `train.peft` on it, seeded; ConfigError if the PEFT method does not fit the model."""
+    import peft
+    import torch
+    from transformers import set_seed
+
+    cfg = params.train
     load_kwargs = {}
     if cfg.peft.quantize_4bit:
         from transformers import BitsAndBytesConfig
@@ -307,24 +260,25 @@ def fit(params: Params):
         load_kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16)
-    tokenizer = models.load_tokenizer(base, params.model.trust_remote_code)
+    tokenizer = models.load_tokenizer(plan.base, params.model.trust_remote_code)
     set_seed(cfg.seed)  # adapter init is random: same seed, same initial adapter
-    model = models.load_model(base, classification_labels=len(label_names) if classification else None, dtype=dtype,
+    labels = plan.label_names
+    model = models.load_model(plan.base, classification_labels=len(labels) if labels else None,
+                              dtype=torch.bfloat16 if plan.dtype_name == "bf16" else torch.float32,
                               trust_remote_code=params.model.trust_remote_code, **load_kwargs)
-    if classification:
-        model.config.id2label = dict(enumerate(label_names))
-        model.config.label2id = {n: i for i, n in enumerate(label_names)}
+    if labels:
+        model.config.id2label = dict(enumerate(labels))
+        model.config.label2id = {n: i for i, n in enumerate(labels)}
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.peft.quantize_4bit:
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    peft_config = peft_methods.build(cfg.peft, task_type="SEQ_CLS" if classification else "CAUSAL_LM",
-                                     max_steps=cfg.max_steps,
+    peft_config = peft_methods.build(cfg.peft, task_type=plan.task_type, max_steps=cfg.max_steps,
                                      num_layers=getattr(model.config, "num_hidden_layers", None))
     try:
         model = peft.get_peft_model(model, peft_config)
     except (ValueError, TypeError, RuntimeError) as err:
-        raise ConfigError(f"train.peft (method {cfg.peft.method!r}) does not fit {base.spec}: {err}") from None
+        raise ConfigError(f"train.peft (method {cfg.peft.method!r}) does not fit {plan.base.spec}: {err}") from None
     for config in model.peft_config.values():
         # all-linear expands to a set, which adapter_config.json would list in per-process hash order
         for key in ("target_modules", "feedforward_modules"):
@@ -332,28 +286,27 @@ def fit(params: Params):
                 setattr(config, key, sorted(getattr(config, key)))
     initial = None
     if peft_methods.needs_weight_conversion(cfg.peft):
-        initial = run_dir / INITIAL_ADAPTER
-        with distributed.exclusive(root / layout.CHECKPOINTS):
-            _save_initial_adapter(model, initial)
+        initial = plan.run_dir / INITIAL_ADAPTER
+        from tasks import trainers
 
-    keep = ["input_ids", "label"] if classification else ["input_ids", "labels"]
-    train_set = data["train"].select_columns(keep)
-    collator = _collator(tokenizer, classification)
-    extra_args: dict = {}
-    if device == "cuda" and cfg.fast_path.enabled:
-        from tasks import fastpath  # GPU-only speed-ups (packing, fused kernels); never taken on CPU
+        with distributed.exclusive(params.root / layout.CHECKPOINTS):
+            trainers.save_initial_adapter(model, initial)
+    return model, tokenizer, initial
 
-        model, collator, extra_args = fastpath.prepare(model, collator, cfg.fast_path)
 
-    warmup = cfg.warmup_steps if cfg.warmup_steps < 1 else int(cfg.warmup_steps)
-    own_args = dict(
-        output_dir=str(run_dir),
+def training_arguments(cfg: TrainConfig, output_dir: Path, *, device: str, dtype_name: str, world: int,
+                       extra: dict | None = None) -> dict:
+    """The keyword arguments of `transformers.TrainingArguments` for `train:` (pure: no model, no
+    torch). `extra` (the fast path's options) may add keywords but never overrides these.
+    Raises ConfigError when the global batch does not split over `world` processes."""
+    own = dict(
+        output_dir=str(output_dir),
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.micro_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps(world),
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=warmup,
+        warmup_steps=cfg.warmup_steps if cfg.warmup_steps < 1 else int(cfg.warmup_steps),
         max_grad_norm=cfg.max_grad_norm,
         weight_decay=cfg.weight_decay,
         seed=cfg.seed,
@@ -368,7 +321,7 @@ def fit(params: Params):
         logging_first_step=True,
         logging_nan_inf_filter=False,  # a NaN must reach our check, not be averaged away
         include_num_input_tokens_seen="non_padding",
-        remove_unused_columns=False,  # columns were selected above; `label` must never reach a causal LM
+        remove_unused_columns=False,  # columns are selected before; `label` must never reach a causal LM
         eval_strategy="no",
         report_to="none",
         use_cpu=device == "cpu",
@@ -379,77 +332,67 @@ def fit(params: Params):
         # (True for models without gradient checkpointing) walks the autograd graph again per step.
         **({"ddp_find_unused_parameters": False} if world > 1 else {}),
     )
-    args = TrainingArguments(**{**extra_args, **own_args})  # the fast path adds options; it never overrides ours
-    if world == 1 and device == "cuda":
-        # `devices: 1` means one GPU. On a host with several, the Trainer would otherwise wrap the
-        # model in nn.DataParallel over all of them (its replica threads run outside bf16 autocast
-        # and fail). The Trainer forces n_gpu the same way for model parallelism.
-        _ = args.device  # settle the device set-up first: it assigns n_gpu
-        args._n_gpu = 1
-    trainer_cls, manifest_cb, adalora_cb = _trainer_class()
-    callbacks = [manifest_cb()] + ([adalora_cb()] if cfg.peft.method == "adalora" else [])
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    trainer = trainer_cls(model=model, args=args, train_dataset=train_set, data_collator=collator,
-                          processing_class=tokenizer, callbacks=callbacks)
-    tokens_before = 0
-    if resume is not None:
-        tokens_before = json.loads((resume / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0)
-    if resume is not None and checkpoints.step_of(resume) >= cfg.max_steps:
-        # Killed after its last checkpoint was sealed: nothing is left to train, and Trainer
-        # resumed at max_steps would take one step too many. The sealed checkpoint is the result.
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-        from transformers import TrainerState
+    return {**(extra or {}), **own}
 
-        set_peft_model_state_dict(model, load_file(str(resume / "adapter_model.safetensors")))
-        state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
-        loop_seconds = 0.0
-    else:
-        output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        state = trainer.state
-        loop_seconds = output.metrics["train_runtime"]
-    if rank != 0:  # the trained weights are identical on every rank; rank 0 writes them
-        return None, model
 
+def make_trainer(params: Params, plan: Plan, model, tokenizer):
+    """(PeftflowTrainer over the train split's model columns, model): the GPU-only fast path
+    applied (packing, fused kernels; CUDA with `train.fast_path` on, never on CPU)."""
+    from tasks import trainers
+
+    cfg = params.train
+    collator, extra = trainers.collator(tokenizer, plan.classification), {}
+    if plan.device == "cuda" and cfg.fast_path.enabled:
+        from tasks import fastpath
+
+        model, collator, extra = fastpath.prepare(model, collator, cfg.fast_path)
+    args = trainers.training_args(training_arguments(cfg, plan.run_dir, device=plan.device, dtype_name=plan.dtype_name,
+                                                     world=plan.world, extra=extra), world=plan.world, device=plan.device)
+    train_set = plan.data["train"].select_columns(["input_ids", "label" if plan.classification else "labels"])
+    return trainers.make_trainer(model, tokenizer, collator, args, train_set, adalora=cfg.peft.method == "adalora",
+                                 device=plan.device), model
+
+
+def write_outputs(params: Params, plan: Plan, model, tokenizer, initial: Path | None, trained,
+                  started: float) -> dict:
+    """models/adapter/, reports/train_log.csv and loss_curve.png, then reports/train.json (last:
+    it marks the run as finished); returns that report. `started`: perf_counter() at the start."""
+    from tasks import trainers
+
+    root, state = params.root, trained.state
     adapter = root / layout.ADAPTER
     save_kwargs = {"path_initial_model_for_weight_conversion": str(initial)} if initial else {}
     with atomic.directory(adapter) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, **save_kwargs)
         tokenizer.save_pretrained(tmp)
-    rows = _write_log(root / layout.TRAIN_LOG, state.log_history)
+    rows = trainers.write_log(root / layout.TRAIN_LOG, state.log_history, LOG_FIELDS)
     if rows:
-        _write_loss_curve(root / layout.LOSS_CURVE, rows)
-
+        trainers.write_loss_curve(root / layout.LOSS_CURVE, rows)
     wall = time.perf_counter() - started
     trainable, total = model.get_nb_trainable_parameters()
-    peak, peak_kind = _peak_memory(device)
+    peak, peak_kind = trainers.peak_memory(plan.device)
     tokens = int(state.num_input_tokens_seen)
-    final_loss = float(rows[-1]["loss"]) if rows else None
-    digest = adapter_sha256(adapter)
     report = {
-        "fingerprint": fp,
-        "base_model": base.spec,
-        "base_weights_sha256": base.weights_sha256,
-        "method": cfg.peft.method,
-        "task_type": "SEQ_CLS" if classification else "CAUSAL_LM",
+        "fingerprint": plan.fingerprint,
+        "base_model": plan.base.spec,
+        "base_weights_sha256": plan.base.weights_sha256,
+        "method": params.train.peft.method,
+        "task_type": plan.task_type,
         "steps": int(state.global_step),
-        "final_loss": final_loss,
+        "final_loss": float(rows[-1]["loss"]) if rows else None,
         "tokens_trained": tokens,
-        "tokens_per_second": (tokens - tokens_before) / wall if wall > 0 else None,
+        "tokens_per_second": (tokens - trained.tokens_before) / wall if wall > 0 else None,
         "trainable_params": int(trainable),
         "total_params": int(total),
         "wall_seconds": wall,
         # training loop only (no model load), over the steps this process ran
-        "seconds_per_step": loop_seconds / max(
-            1, state.global_step - (checkpoints.step_of(resume) if resume else 0)),
+        "seconds_per_step": trained.loop_seconds / max(1, state.global_step - (trained.resumed_from_step or 0)),
         "peak_memory_bytes": peak,
         "peak_memory_kind": peak_kind,
-        "device": device,
-        "dtype": dtype_name,
-        "resumed_from_step": checkpoints.step_of(resume) if resume else None,
-        "adapter_sha256": digest,
+        "device": plan.device,
+        "dtype": plan.dtype_name,
+        "resumed_from_step": trained.resumed_from_step,
+        "adapter_sha256": adapter_sha256(adapter),
     }
-    atomic.write_json(root / layout.report("train"), report)  # last: it marks the run as finished
-    return TrainResult(str(adapter), fp, report["steps"], final_loss, tokens, wall, digest,
-                       report["resumed_from_step"], skipped=False), model
+    atomic.write_json(root / layout.report("train"), report)
+    return report

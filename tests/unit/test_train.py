@@ -192,3 +192,41 @@ def test_classification_head_trains_and_reloads(tmp_path, base):
     saved = set(__import__("safetensors.torch", fromlist=["load_file"]).load_file(
         Path(result.adapter_dir) / "adapter_model.safetensors"))
     assert any("score" in k or "classifier" in k for k in saved), sorted(saved)[:5]
+
+
+def test_training_arguments_come_from_params_alone_and_build_real_training_arguments(tmp_path):
+    from transformers import TrainingArguments
+
+    from tasks.config import TrainConfig
+
+    cfg = TrainConfig(global_batch_size=16, micro_batch_size=2, warmup_steps=5.0, learning_rate=3.0e-4,
+                      gradient_checkpointing=True)
+    one = train.training_arguments(cfg, tmp_path / "run", device="cpu", dtype_name="fp32", world=1)
+    assert one["gradient_accumulation_steps"] == 8 and one["warmup_steps"] == 5 and isinstance(one["warmup_steps"], int)
+    assert one["use_cpu"] and not one["bf16"] and one["output_dir"] == str(tmp_path / "run")
+    assert one["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
+    assert "ddp_backend" not in one and "ddp_find_unused_parameters" not in one
+    # the same dict, given twice, is the same: nothing but the arguments feeds it
+    assert one == train.training_arguments(cfg, tmp_path / "run", device="cpu", dtype_name="fp32", world=1)
+
+    two = train.training_arguments(cfg, tmp_path / "run", device="cpu", dtype_name="fp32", world=2)
+    assert two["gradient_accumulation_steps"] == 4  # 16 = 2 per pass x 2 processes x 4
+    assert two["ddp_backend"] == "gloo" and two["ddp_find_unused_parameters"] is False
+    gpu = train.training_arguments(TrainConfig(warmup_steps=0.25), tmp_path, device="cuda", dtype_name="bf16",
+                                   world=2, extra={"optim": "adamw_torch_fused", "learning_rate": 9.0})
+    assert gpu["bf16"] and not gpu["use_cpu"] and "ddp_backend" not in gpu and gpu["warmup_steps"] == 0.25
+    assert gpu["optim"] == "adamw_torch_fused" and gpu["learning_rate"] == 2.0e-4  # extra adds, never overrides
+
+    args = TrainingArguments(**one)
+    assert (args.max_steps, args.learning_rate, args.seed, args.save_total_limit) == (100, 3.0e-4, 42, 2)
+    assert args.report_to == []  # "none": no integration logs anywhere
+
+
+def test_training_arguments_refuse_a_global_batch_that_does_not_split_over_the_processes(tmp_path):
+    from tasks.config import TrainConfig
+    from tasks.errors import ConfigError
+
+    # `devices: auto` resolves to a process count only at run time: 16 rows do not split over 3 x 2
+    with pytest.raises(ConfigError, match="global_batch_size"):
+        train.training_arguments(TrainConfig(global_batch_size=16, micro_batch_size=2), tmp_path, device="cuda",
+                                 dtype_name="bf16", world=3)
