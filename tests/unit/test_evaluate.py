@@ -205,3 +205,33 @@ def test_prompt_cache_scoring_equals_full_sequences(tiny: Params):
         assert [n for row in shared for _, n, _ in row] == [n for _, n, _ in full]
         assert [s for row in shared for s, _, _ in row] == pytest.approx([s for s, _, _ in full], abs=1e-4)
         assert [t for row in shared for _, _, t in row] == pytest.approx([t for _, _, t in full], abs=1e-4)
+
+
+def test_long_multi_label_rows_share_one_prompt_and_never_fall_back(tmp_path: Path):
+    """Prompts cut to fit max_length are cut once per row, to the budget of the longest label, so
+    every row's labels follow one prompt: all rows go through the prompt cache (O item 4), and the
+    training rows are tokenised exactly so (encode_pair with the same reserve)."""
+    labels = {"a": "no", "b": "a much longer label name", "c": "medium label", "d": "x"}
+    params = prepared_project(tmp_path / "long", {"preprocess": {"labels": labels, "max_length": 48,
+                                                                 "label_field": "category"}})
+    long = prepared_long_rows(params, labels)
+    tok = models.load_tokenizer(models.resolve(params.model))
+    es = evalset.build(long, tok)
+    assert any(t for t in processed.read_split(long.root, "test")["prompt"] if len(encoding.token_ids(tok, t)) > 48)
+    assert es.label_pairs and all(scoring.split_prompt(pairs) is not None for pairs in es.label_pairs)
+    names = processed.label_names(long.root)
+    per_label_cuts = [[encoding.encode_pair(tok, p, n, 48) for n in names] for p in es.prompts]
+    assert any(scoring.split_prompt(pairs) is None for pairs in per_label_cuts)  # what fell back before
+    reserve = encoding.label_reserve(tok, names)
+    for (ids, labs), prompt, target in zip(es.sequences, es.prompts, es.targets):
+        assert (ids, labs) == encoding.encode_pair(tok, prompt, target, 48, reserve)  # training saw the same tokens
+        assert len(ids) <= 48
+
+
+def prepared_long_rows(params: Params, labels: dict) -> Params:
+    """Re-run preprocess on long texts (several times max_length) with four labels."""
+    rows = [{"text": " ".join(POSITIVE + NEGATIVE) * (1 + k % 3) + f" #{k}", "category": cat,
+             "movie_name": f"movie {k % 12}"} for k in range(40) for cat in labels]
+    pd.DataFrame(rows).to_parquet(params.root / layout.RAW_DATA)
+    preprocess.run(params)
+    return params
