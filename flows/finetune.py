@@ -55,7 +55,7 @@ def publish(params: Params, s: summary.RunSummary) -> None:
     """The run's Prefect artifacts: the summary and a sample of predictions."""
     create_markdown_artifact(key="finetune-summary", markdown=summary.markdown(s),
                              description=f"{s.model_name} v{s.version}: metrics, lift, alias, MLflow link")
-    rows = summary.predictions_table(params.root)
+    rows = summary.predictions_table(params.root, limit=params.evaluate.sample_predictions)
     if rows:
         create_table_artifact(key="sample-predictions", table=rows,
                               description="Sample test predictions of base and adapter (reports/predictions.csv)")

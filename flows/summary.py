@@ -3,7 +3,7 @@
 Contract:
 - `RunSummary`: what a finetune run did (stages run/skipped, metrics, lift, version, alias, link).
 - `markdown(summary) -> str`: the Prefect markdown artifact `finetune-summary`.
-- `predictions_table(root, limit) -> list[dict]`: rows of reports/predictions.csv (table artifact).
+- `predictions_table(root, limit) -> list[dict]`: readable rows of reports/predictions.csv (table artifact).
 - `print_table(summary, console=None)`: the rich table printed by `python -m flows.finetune`,
   with how to open the UIs and what to type next.
 """
@@ -94,12 +94,20 @@ def markdown(s: RunSummary) -> str:
     return "\n".join(lines) + "\n"
 
 
-def predictions_table(root: Path, limit: int = 50) -> list[dict[str, str]]:
+SHOWN_SCORES = ("exact_match", "token_f1", "rouge_l", "chrf", "embedding_similarity")
+
+
+def predictions_table(root: Path, limit: int = 50, width: int = 300) -> list[dict[str, str]]:
+    """The first `limit` rows of reports/predictions.csv for people: texts (cut to `width`
+    characters), predicted labels and per-row generative scores; the gate's columns left out."""
     path = Path(root) / layout.PREDICTIONS
     if not path.is_file():
         return []
     with path.open(newline="") as f:
-        return [row for _, row in zip(range(limit), csv.DictReader(f), strict=False)]
+        rows = [row for _, row in zip(range(limit), csv.DictReader(f), strict=False)]
+    keep = [k for k in (rows[0] if rows else []) if "." not in k or k.split(".", 1)[1] in SHOWN_SCORES]
+    return [{k: r[k] if len(r[k]) <= width else r[k][: width - 1] + "…" for k in keep if k not in ("label", "majority")}
+            for r in rows]
 
 
 def print_table(s: RunSummary, console=None) -> None:

@@ -444,7 +444,25 @@ def log_pipeline(run_id: str, params: Params, flow_run_id: str | None = None) ->
         if (root / name).is_file():
             c.log_artifact(run_id, str(root / name))
             artifacts += 1
+    artifacts += _log_predictions_table(c, run_id, root)
     return {"params": len(new_params), "metric_points": len(points), "tags": len(tags), "artifacts": artifacts}
+
+
+PREDICTIONS_TABLE = "eval/predictions.json"
+
+
+def _log_predictions_table(c, run_id: str, root: Path) -> int:
+    """reports/predictions.csv as an MLflow table (`log_table`): the run's UI lists it as a table
+    artifact and the experiment's artifact view compares it across runs. (MLflow's GenAI
+    evaluation records are traces, which would file a fine-tuning run under GenAI evaluations.)
+    log_table appends to an existing table, so a replay logs nothing."""
+    import pandas as pd
+
+    path = root / layout.PREDICTIONS
+    if not path.is_file() or PREDICTIONS_TABLE in {f.path for f in c.list_artifacts(run_id, "eval")}:
+        return 0
+    c.log_table(run_id, data=pd.read_csv(path, keep_default_na=False), artifact_file=PREDICTIONS_TABLE)
+    return 1
 
 
 def _log_dataset(c, run_id: str, params: Params, run) -> None:
