@@ -270,14 +270,25 @@ class TrainConfig(Section):
         return self.global_batch_size // per_step
 
 
+class BootstrapConfig(Section):
+    """The paired bootstrap over test rows that gives every metric its interval (tasks/intervals.py)."""
+
+    resamples: int = Field(1000, ge=100, le=100000, description="Bootstrap resamples of the test rows.")
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Coverage of the reported intervals.")
+    seed: int = Field(0, ge=0, description="Seed of the resampling: the same run gives the same interval.")
+
+
 class EvaluateConfig(Section):
     """Evaluation of base and adapter on the test split."""
 
     max_samples: int | None = Field(400, ge=1, description="Test rows scored (null = all).")
     batch_size: int = Field(16, ge=1, description="Rows per forward pass.")
-    generation_samples: int = Field(16, ge=0, description="Rows whose generation is compared (exact match).")
-    max_new_tokens: int = Field(8, ge=1, le=4096, description="Generation length for exact match and samples.")
-    sample_predictions: int = Field(20, ge=0, description="Rows in the sample-predictions table.")
+    generation_samples: int = Field(
+        16, ge=0, description="Label and text formats: rows whose greedy generation is scored (exact match). "
+        "Generative formats (chat, instruction with response_field) generate on every scored row.")
+    max_new_tokens: int = Field(8, ge=1, le=4096, description="Generation length (stops earlier at end of turn).")
+    sample_predictions: int = Field(20, ge=0, description="Rows shown in the Prefect sample-predictions table.")
+    bootstrap: BootstrapConfig = BootstrapConfig()
 
 
 class MergeConfig(Section):
