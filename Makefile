@@ -8,12 +8,9 @@ STAMP  := $(VENV)/.peftflow-installed
 PYTEST_ARGS ?=
 
 export PATH := $(abspath $(VENV))/bin:$(PATH)
-export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export DO_NOT_TRACK := 1
-export HF_HUB_OFFLINE ?= 1
-export TOKENIZERS_PARALLELISM := false
-export MLFLOW_ALLOW_PICKLE_DESERIALIZATION := false
-export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false
+# The process defaults (offline, no telemetry, no pickle, ...) are defined once, in tasks/cli.py
+# (standard library only, so this works before .venv exists); a value already set wins.
+$(foreach kv,$(shell cd $(dir $(abspath $(lastword $(MAKEFILE_LIST)))) && python3 -m tasks.cli env),$(eval export $(kv)))
 
 .PHONY: setup ci-tools run test test-fast test-gpu ui prefect-ui lock clean help
 

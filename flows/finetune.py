@@ -25,14 +25,14 @@ import argparse
 import sys
 from dataclasses import asdict
 
-from flows import runtime
+from tasks import cli
 
-runtime.apply_env_defaults()  # before prefect/transformers read the environment
+cli.apply_env_defaults()  # before prefect/transformers read the environment
 
 from prefect import flow  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 
-from flows import stages, summary  # noqa: E402
+from flows import runtime, stages, summary  # noqa: E402
 from tasks.config import Params  # noqa: E402
 
 
@@ -81,6 +81,7 @@ def finetune(params: str = "params.yaml") -> dict:
     return asdict(result)
 
 
+@cli.main_guard
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flows.finetune",
@@ -89,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--params", default="params.yaml", help="params file; its folder is the project root")
     args = parser.parse_args(argv)
-    return runtime.run_flow(finetune, {"params": args.params},
-                            lambda result: summary.print_table(summary.RunSummary(**result)))
+    summary.print_table(summary.RunSummary(**runtime.run_flow(finetune, {"params": args.params})))
+    return 0
 
 
 if __name__ == "__main__":

@@ -16,15 +16,15 @@ import argparse
 import sys
 from dataclasses import asdict
 
-from flows import runtime
+from tasks import cli
 
-runtime.apply_env_defaults()  # before prefect reads the environment
+cli.apply_env_defaults()  # before prefect reads the environment
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from flows import stages  # noqa: E402
+from flows import runtime, stages  # noqa: E402
 from tasks import promote as alias  # noqa: E402
 from tasks.config import Params  # noqa: E402
 
@@ -54,6 +54,7 @@ def promote(version: str | None = None, rollback: bool = False, params: str = "p
     return asdict(move)
 
 
+@cli.main_guard
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.promote",
                                      description="Move the `champion` alias of the registered adapter model.")
@@ -63,15 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.version is None) == (not args.rollback):
         parser.error("give a VERSION or --rollback (not both)")
-    moved: list[bool] = []
-
-    def report(result: dict) -> None:
-        print(f"champion: {result['previous']} -> {result['champion']} ({result['note']})")
-        moved.append(result["moved"])
-
-    code = runtime.run_flow(promote, {"version": args.version, "rollback": args.rollback, "params": args.params},
-                            report)
-    return code or (0 if moved and moved[0] else 1)
+    result = runtime.run_flow(promote, {"version": args.version, "rollback": args.rollback, "params": args.params})
+    print(f"champion: {result['previous']} -> {result['champion']} ({result['note']})")
+    return 0 if result["moved"] else 1
 
 
 if __name__ == "__main__":

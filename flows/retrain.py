@@ -22,15 +22,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from flows import runtime
+from tasks import cli
 
-runtime.apply_env_defaults()  # before prefect/transformers read the environment
+cli.apply_env_defaults()  # before prefect/transformers read the environment
 
 from prefect import flow  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 
-from flows import stages, summary  # noqa: E402
+from flows import runtime, stages, summary  # noqa: E402
 from flows.finetune import finetune  # noqa: E402
+from tasks.errors import ConfigError  # noqa: E402
 
 DATA_CHANGED = "peftflow.data.changed"
 DEFAULT_CRON = "0 3 * * *"
@@ -89,6 +90,7 @@ def serve(params_path: str, cron: str) -> None:
     )
 
 
+@cli.main_guard
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flows.retrain",
@@ -107,9 +109,8 @@ def main(argv: list[str] | None = None) -> int:
 
         url = runtime.shared_api_url()
         if not url:
-            print("error: no Prefect server: start one (`prefect server start`) and set "
-                  "PREFECT_API_URL=http://127.0.0.1:4200/api", file=sys.stderr)
-            return 2
+            raise ConfigError("no Prefect server: start one (`prefect server start`) and set "
+                              "PREFECT_API_URL=http://127.0.0.1:4200/api")
         with temporary_settings({PREFECT_API_URL: url}):
             if args.emit_event:
                 emit_data_changed(args.params)
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 serve(str(Path(args.params).resolve()), args.cron)
         return 0
-    return runtime.run_flow(retrain, {"params": args.params}, print_result)
+    print_result(runtime.run_flow(retrain, {"params": args.params}))
+    return 0
 
 
 def print_result(result: dict) -> None:

@@ -1,8 +1,6 @@
 """Process-level settings of the flow entry points, and the per-project lock.
 
-Contract:
-- `apply_env_defaults()`: offline, no telemetry, no pickle, stage loggers routed to Prefect
-  (env defaults; a value the user already set wins). Call it before `prefect` is imported.
+Contract (the process defaults, `apply_env_defaults()`, and the CLI error policy live in tasks/cli.py):
 - `shared_api_url()`: an already running API to use: PREFECT_API_URL if set, else a local
   `prefect server start` answering on 127.0.0.1:4200 (`make prefect-ui`), else None.
 - `prefect_api()`: context manager yielding the API URL for this process's flow runs: the shared
@@ -10,8 +8,10 @@ Contract:
   (same PREFECT_HOME), else one started here and published for the others. Its owner stops it
   only after every process using it has let go (it waits for them), so concurrent embedded runs
   share one server and one SQLite database instead of each starting its own.
-- `run_flow(flow, kwargs, on_result) -> exit code`: call a flow against `prefect_api()`; a
-  PeftflowError prints one line and returns 2; on success `on_result(return value)` and 0.
+- `run_flow(flow, kwargs) -> the flow's return value`: call a flow against `prefect_api()`. A user
+  error (tasks.cli.user_error) is raised on, for the CLI's `main_guard` to report in one line:
+  while the flow runs, Prefect's records of it (the exception with its traceback, then the run's
+  "Finished in state Failed") stay off the terminal; they still reach the Prefect UI.
 - `project_lock(root)`: an exclusive, cross-process lock of one project, held while a flow checks,
   runs and records a stage, so two flows on one checkout never interleave writes to the same DVC
   outputs, dvc.lock or the MLflow store (they take turns; the second then finds the stage current).
@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import signal
 import sys
@@ -30,25 +31,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import PeftflowError
+from tasks import cli
 
-ENV_DEFAULTS = {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DO_NOT_TRACK": "1",
-    "HF_HUB_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
-    # Stage modules log with `logging.getLogger("tasks....")`; this sends those records to the
-    # flow run's log in the Prefect UI as well as to the terminal.
-    "PREFECT_LOGGING_EXTRA_LOGGERS": "tasks",
-}
 LOCAL_SERVER = "http://127.0.0.1:4200/api"
 LOCK_FILE = Path(".dvc/tmp/peftflow-flow.lock")  # .dvc/tmp is git-ignored by DVC itself
-
-
-def apply_env_defaults() -> None:
-    for key, value in ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
 
 
 def _healthy(api_url: str, timeout: float = 0.5) -> bool:
@@ -156,20 +142,47 @@ def _exit_on_sigterm(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def run_flow(flow: Callable[..., Any], kwargs: dict[str, Any], on_result: Callable[[Any], None]) -> int:
+class _UserErrorsOffTheTerminal(logging.Filter):
+    """Drops, on a console handler, Prefect's records of a run that failed with a user error: the
+    one carrying the exception (and its traceback) and that run's "Finished in state" after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._failed: set[str] = set()  # task or flow run ids
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        run = getattr(record, "task_run_id", None) or getattr(record, "flow_run_id", None)
+        if record.exc_info and record.exc_info[1] is not None and cli.user_error(record.exc_info[1]) is not None:
+            self._failed.add(str(run))
+            return False
+        return not (str(run) in self._failed and record.getMessage().startswith("Finished in state"))
+
+
+@contextlib.contextmanager
+def _user_errors_off_the_terminal() -> Iterator[None]:
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    consoles = [h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)]
+    quiet = _UserErrorsOffTheTerminal()
+    for handler in consoles:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for handler in consoles:
+            handler.removeFilter(quiet)
+
+
+def run_flow(flow: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+    """See the module docstring."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        with prefect_api() as url, temporary_settings({PREFECT_API_URL: url}):
-            result = flow(**kwargs)
-    except PeftflowError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        with prefect_api() as url, temporary_settings({PREFECT_API_URL: url}), _user_errors_off_the_terminal():
+            return flow(**kwargs)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    on_result(result)
-    return 0
 
 
 @contextlib.contextmanager

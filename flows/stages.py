@@ -21,7 +21,10 @@ Contract:
 
 Every task that touches the project holds `runtime.project_lock(root)`, so two flows on one
 checkout take turns per stage. User errors (PeftflowError) are never retried: the same input
-fails the same way. A retried `train` resumes from its newest verified checkpoint (tasks/train.py).
+fails the same way. One exception, by design (`RETRIED_USER_ERRORS`): TrackingError, an MLflow
+store that cannot be reached or refused a request, is often transient (a server restarting, a lost
+connection), so the tasks that talk to MLflow retry it with backoff before reporting it. A retried
+`train` resumes from its newest verified checkpoint (tasks/train.py).
 """
 
 from __future__ import annotations
@@ -62,15 +65,17 @@ class Champion:
     data_md5: str | None  # the `data.md5` tag register put on the version
 
 
+# User errors that are retried all the same: the store may answer again (see the module docstring).
+RETRIED_USER_ERRORS: tuple[type[PeftflowError], ...] = (tracking.TrackingError,)
+
+
 def _retry_unless_user_error(task, task_run, state) -> bool:
-    """Retry crashes and I/O errors (an unreachable MLflow included); a PeftflowError (bad input)
+    """Retry crashes, I/O errors and RETRIED_USER_ERRORS; any other PeftflowError (bad input)
     would fail again the same way."""
     try:
         state.result()
-    except tracking.TrackingError:
-        return True
-    except PeftflowError:
-        return False
+    except PeftflowError as err:
+        return isinstance(err, RETRIED_USER_ERRORS)
     except Exception:  # noqa: BLE001 - any other failure is worth another attempt
         return True
     return True

@@ -1,20 +1,19 @@
 """`python -m tasks <stage> [--params PATH]`: run one stage alone (this is what dvc.yaml calls).
 
-User errors (bad params, bad data, unsafe model files) print one clear message and exit 2,
-without a traceback; anything else is a bug and keeps its traceback.
+User errors (bad params, bad data, unsafe model files, a full disk) print one clear message and
+exit 2, without a traceback; anything else is a bug and keeps its traceback (tasks/cli.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import json
 import os
 import sys
 from dataclasses import asdict, is_dataclass
 
-from tasks.errors import PeftflowError
+from tasks import cli
 
 STAGES = {
     "ingest": "fetch the data source, write data/raw/, `dvc add` + push it",
@@ -26,6 +25,7 @@ STAGES = {
 }
 
 
+@cli.main_guard
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tasks",
@@ -38,27 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml", help="params file; its folder is the project root")
     args = parser.parse_args(argv)
 
-    os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    cli.apply_env_defaults()  # before the stage's libraries read the environment
     from tasks.config import load_params, params_reference
 
     if args.stage == "params-doc":
         sys.stdout.write(params_reference())
         return 0
-    try:
+    with cli.stage_outputs(args.stage):
         params = load_params(args.params)
         result = importlib.import_module(f"tasks.{args.stage}").run(params)
-    except PeftflowError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        # A full disk or quota is the user's to fix, not a bug; outputs are written atomically, so
-        # the previous ones are still whole.
-        if err.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-            raise
-        print(f"error: {args.stage}: cannot write its outputs: {err.strerror or err} ({err.filename or 'an output file'})."
-              f" Free disk space (or raise the quota/file-size limit) and run it again; the previous outputs are "
-              f"unchanged.", file=sys.stderr)
-        return 2
     if is_dataclass(result) and "WORLD_SIZE" not in os.environ:  # a training worker: its launcher prints
         print(json.dumps(asdict(result), indent=2, default=str))
     return 0

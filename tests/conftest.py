@@ -11,16 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tasks.cli import apply_env_defaults
+
 REPO = Path(__file__).resolve().parents[1]
 
-# No network, no telemetry, no pickle, in every test process and its children.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
-# mlflow server otherwise starts ~8 huey job-runner processes we never use (2 CPU cores in CI).
-os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+# No network, no telemetry, no pickle, in every test process and its children: the entry points' defaults.
+apply_env_defaults()
 
 
 def deep_merge(base: dict, overrides: dict) -> dict:
