@@ -235,3 +235,42 @@ def prepared_long_rows(params: Params, labels: dict) -> Params:
     pd.DataFrame(rows).to_parquet(params.root / layout.RAW_DATA)
     preprocess.run(params)
     return params
+
+
+def test_chat_format_is_judged_by_what_it_generates(tmp_path: Path):
+    """Generative evaluation: greedy generation on every scored row from the conversation up to its
+    last assistant turn, scored against that turn with every generative metric, with intervals,
+    and a per-row table holding prompt, reference, both outputs and their scores."""
+    make_project(tmp_path / "chat", {"preprocess": {"format": "chat", "max_length": 96,
+                                                    "split": {"group_by": None, "validation": 0.1, "test": 0.3}},
+                                     "evaluate": {"max_new_tokens": 6, "max_samples": 12}})
+    root = tmp_path / "chat"
+    convs = [[{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": f"{a + b}."},
+              {"role": "user", "content": "And doubled?"}, {"role": "assistant", "content": f"It is {2 * (a + b)}."}]
+             for a in range(6) for b in range(5)]
+    (root / layout.RAW_DATA).parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"messages": [json.dumps(c) for c in convs]}).to_parquet(root / layout.RAW_DATA)
+    params = load_params(root / "params.yaml")
+    preprocess.run(params)
+    make_adapter(params)
+    report = evaluate.run(params).__dict__
+    saved = json.loads((root / layout.report("evaluate")).read_text())
+    generative = {"exact_match", "token_f1", "rouge_l", "chrf", "embedding_similarity", "length", "length_ratio"}
+    for which in ("base", "adapter", "lift"):
+        assert generative <= {k for k, v in report[which].items() if v is not None}, which
+        assert report[which]["accuracy"] is None  # no labels in a conversation
+    assert saved["n_generated"] == saved["n_samples"] == 9
+    low, high = saved["intervals"]["adapter"]["rouge_l"]
+    assert low <= saved["adapter"]["rouge_l"] <= high
+    with open(root / layout.PREDICTIONS, newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 9
+    test = processed.read_split(root, "test")
+    assert [r["reference"] for r in table] == [test["target"][int(r["row"])] for r in table]
+    assert all(r["reference"].startswith("It is ") for r in table)  # the last assistant turn
+    assert {"base.rouge_l", "adapter.rouge_l", "adapter.chrf", "adapter.embedding_similarity"} <= set(table[0])
+    from tasks import textmetrics
+
+    for r in table:  # each per-row score is the metric of that row's output and reference
+        assert float(r["adapter.rouge_l"]) == pytest.approx(textmetrics.rouge_l(r["adapter_output"], r["reference"]))
+    assert report["lift"]["rouge_l"] == pytest.approx(report["adapter"]["rouge_l"] - report["base"]["rouge_l"])
