@@ -29,8 +29,9 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-run: setup  ## run the whole pipeline on the embedded default (SmolLM2 + Rotten Tomatoes)
-	$(PY) -m flows.finetune
+run: PARAMS ?= params.yaml
+run: setup  ## run the whole pipeline on the embedded default (SmolLM2 + Rotten Tomatoes); PARAMS=<project>/params.yaml for another project
+	$(PY) -m flows.finetune --params $(PARAMS)
 
 ci-tools: setup  ## tools the integration tests use: hadolint, docker-compose, PostgreSQL, services extras
 	bash scripts/ci-setup.sh

@@ -2,9 +2,9 @@
 
 Contract:
 - `load_config(path) -> Params`: the first task of every flow. Raises ConfigError for a broken
-  params file, and for a project the DVC stages cannot work in (no dvc.yaml, not named
-  params.yaml, stage code missing or different from the code this process runs), before
-  anything else runs.
+  params file, and for a project the DVC stages cannot work in (not named params.yaml, no
+  dvc.yaml, a dvc.yaml whose stages or code deps are not this process's: `tasks.project.check`),
+  before anything else runs.
 - `ingest(params) -> IngestResult`: fetch, `dvc add`, push. Retried with backoff (I/O).
 - `dvc_stage(stage, params) -> StageOutcome` for preprocess, train, evaluate, merge: skipped when
   `dvc status <stage>` is clean (content hashes of deps, params and outs in dvc.lock, so changed
@@ -41,7 +41,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from flows import runtime
-from tasks import layout, promote, tracking, versioning
+from tasks import layout, project, promote, tracking, versioning
 from tasks.config import Params, load_params
 from tasks.errors import ConfigError, PeftflowError
 
@@ -86,39 +86,15 @@ def read_report(root: Path, stage: str) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-CODE = Path(__file__).resolve().parents[1]  # the checkout whose tasks/ this process imports
-
-
-def _code_deps(root: Path) -> set[str]:
-    """The `tasks/*.py` files dvc.yaml lists as deps (entries are paths or one-key mappings)."""
-    import yaml
-
-    stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages") or {}
-    paths = {d if isinstance(d, str) else next(iter(d)) for s in stages.values() for d in s.get("deps") or []}
-    return {p for p in paths if p.startswith("tasks/")}
-
-
 @task(name="load-config", task_run_name="load-config · {path}", cache_policy=NO_CACHE)
 def load_config(path: str) -> Params:
     params = load_params(path)
-    root = params.root
     if Path(path).name != "params.yaml":
         raise ConfigError(f"{path}: the params file must be named params.yaml (dvc.yaml's params refer to "
-                          f"<project>/params.yaml); copy it to {root / 'params.yaml'}")
-    if not (root / "dvc.yaml").is_file():
-        raise ConfigError(f"{root} has no dvc.yaml: the project root is the folder of the params file; "
-                          f"pass --params <checkout>/params.yaml or copy dvc.yaml there")
-    missing = sorted(d for d in _code_deps(root) if not (root / d).is_file())
-    if missing:
-        raise ConfigError(f"{root} is not a peftflow checkout: dvc.yaml's code deps are missing there "
-                          f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); put params.yaml "
-                          f"in the checkout's root (the stages' code must sit next to dvc.yaml)")
-    # dvc.lock records the project's code; the stages run this process's code: they must be the same.
-    differ = sorted(d for d in _code_deps(root) if (root / d).read_bytes() != (CODE / d).read_bytes())
-    if differ:
-        raise ConfigError(f"the stage code in {root} differs from the code this flow runs ({CODE}): "
-                          f"{', '.join(differ[:3])}; run the flow from that checkout (cd {root} && "
-                          f"python -m flows.finetune) so dvc.lock records the code that made the outputs")
+                          f"<project>/params.yaml); rename it, or start a project from it with "
+                          f"`python -m tasks.project new <folder> --from {path}`")
+    # The DVC stages must run this process's code, the one the project's dvc.yaml names (tasks/project.py).
+    project.check(params.root)
     get_run_logger().info("params %s (sha256 %s…), base model %s", path, params.sha256[:12], params.model.base)
     return params
 

@@ -188,3 +188,53 @@ def commit(root: Path, stage_names: Iterable[str]) -> None:
     with _repo(root) as repo:
         for name in stage_names:
             repo.commit(target=_stage(root, name), force=True)
+
+
+LOCAL_REMOTE = "local"
+
+
+def init_project(root: Path, remote_dir: Path | None = None) -> list[str]:
+    """Make `root` (inside a git work tree) a DVC project of its own with a default remote.
+
+    Idempotent: an existing `.dvc/` and an existing default remote are kept. When `root` is not
+    the top of its git work tree, DVC is initialised as a subdirectory project (`dvc init
+    --subdir`), which an enclosing DVC project ignores, so their stages and data never mix. The
+    remote `local` is the folder `remote_dir` (default `<root>/.dvc-storage`), which `.dvc/config`
+    records relative to itself, so the project can move.
+    Returns what was done (for the caller to report). Raises DataError when DVC refuses.
+    """
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+    from dvc.scm import SCM
+
+    root = Path(root).resolve()
+    remote = Path(remote_dir or root / ".dvc-storage").resolve()
+    done: list[str] = []
+    from dvc.config_schema import RelPath
+
+    dvc_logger = logging.getLogger("dvc")
+    level = dvc_logger.level
+    # `dvc init` logs a welcome text at INFO; the caller reports what was done instead.
+    with _LOCK:
+        dvc_logger.setLevel(max(level, logging.WARNING))
+        try:
+            if not (root / Repo.DVC_DIR).is_dir():
+                top = Path(SCM(str(root), search_parent_directories=True).root_dir).resolve()
+                Repo.init(str(root), subdir=top != root).close()
+                done.append("dvc init" + (" --subdir" if top != root else ""))
+            repo = Repo(str(root))
+            try:
+                with repo.config.edit() as conf:
+                    conf["core"]["analytics"] = False
+                    if not conf["core"].get("remote"):
+                        # RelPath: DVC writes it relative to .dvc/config (a plain str would be kept absolute).
+                        conf["remote"][LOCAL_REMOTE] = {"url": RelPath(str(remote))}
+                        conf["core"]["remote"] = LOCAL_REMOTE
+                        done.append(f"dvc remote add -d {LOCAL_REMOTE} {remote}")
+            finally:
+                repo.close()
+        except DvcException as err:
+            raise DataError(f"cannot set up DVC in {root}: {type(err).__name__}: {err}") from None
+        finally:
+            dvc_logger.setLevel(level)
+    return done

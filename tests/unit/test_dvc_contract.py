@@ -174,3 +174,46 @@ def test_plots_name_the_layout_files(dvc_stages):
              for p, opts in ([(e, {})] if isinstance(e, str) else e.items())}
     assert plots[str(layout.TRAIN_LOG)] == {"cache": False, "x": "step", "y": "loss"}
     assert str(layout.LOSS_CURVE) in plots and str(layout.CONFUSION_MATRIX) in plots
+
+
+# --- Projects (tasks/project.py): every example is a project of its own, run in place. ---
+
+EXAMPLES = sorted(p.parent for p in (REPO / "examples").glob("*/params.yaml"))
+
+
+def test_every_example_is_a_project():
+    assert EXAMPLES, "no examples/<name>/params.yaml found"
+    for example in EXAMPLES:
+        for name in ("dvc.yaml", ".gitignore", ".dvc/config", ".dvcignore"):
+            assert (example / name).is_file(), f"{example.name}: missing {name}; run `python -m tasks.project sync {example}`"
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_example_dvc_yaml_is_the_checkouts_with_code_deps_pointing_here(example):
+    """The generated file is in step with dvc.yaml: same stages, code deps ../../tasks/*.py."""
+    from tasks import project
+
+    text = (example / "dvc.yaml").read_text()
+    assert text == project.render_dvc_yaml(example), (
+        f"examples/{example.name}/dvc.yaml is stale: run `python -m tasks.project sync examples/{example.name}`")
+    stages = yaml.safe_load(text)["stages"]
+    for name, stage in stages.items():
+        code = {d for d in _paths(stage["deps"]) if d.endswith(".py")}
+        assert code == {f"../../{d}" for d in import_closure(name)}, name
+    project.check(example)  # what load_config runs first
+
+
+def test_projects_have_their_own_registered_model_and_experiment():
+    from tasks.config import load_params
+
+    params = {p: load_params(p / "params.yaml") for p in [REPO, *EXAMPLES]}
+    for key in ("model_name", "experiment"):
+        names = [getattr(p.register, key) for p in params.values()]
+        assert len(set(names)) == len(names), f"register.{key} shared between projects: {names}"
+
+
+def test_example_dvc_projects_are_their_own_with_a_local_remote():
+    for example in EXAMPLES:
+        config = (example / ".dvc" / "config").read_text()
+        assert "remote = local" in config and "url = ../.dvc-storage" in config, example.name
+        assert "/.dvc-storage/" in (example / ".gitignore").read_text().splitlines()
