@@ -173,7 +173,9 @@ def _set_names(text: str, experiment: str, model_name: str) -> str:
 
 def _source_params(source: str) -> Path:
     path = Path(source)
-    candidates = [path / "params.yaml" if path.is_dir() else path, CHECKOUT / "examples" / source / "params.yaml"]
+    # From any folder: a path as given, else the checkout's examples/<name> or <checkout>/<path>.
+    candidates = [p / "params.yaml" if p.is_dir() else p
+                  for p in (path, CHECKOUT / "examples" / source, CHECKOUT / source)]
     found = next((p for p in candidates if p.is_file()), None)
     if found is None:
         names = sorted(p.parent.name for p in (CHECKOUT / "examples").glob("*/params.yaml"))
