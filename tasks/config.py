@@ -301,13 +301,25 @@ class MergeConfig(Section):
     parity_samples: int = Field(8, ge=1, description="Held-out rows used for the parity check.")
 
 
+def _check_metric(name: str) -> str:
+    from tasks.metrics import REPORT_ORDER  # the metrics evaluate reports
+
+    if name not in REPORT_ORDER:
+        raise ValueError(f"unknown metric '{name}'; evaluate reports: {', '.join(REPORT_ORDER)}")
+    return name
+
+
 class RegisterConfig(Section):
     """MLflow tracking, registration and the promotion gate."""
 
     experiment: str = Field("peftflow", description="MLflow experiment name.")
     model_name: str = Field("peftflow-adapter", description="Registered model name.")
-    primary_metric: str = Field("accuracy", description="Evaluation metric (adapter) the gate compares.")
-    min_delta: float = Field(0.0, ge=0, description="Required improvement of primary_metric over the champion.")
+    primary_metric: str = Field(
+        "accuracy", description="Evaluation metric the gate compares (candidate vs champion, or vs the strongest "
+        "base reference), on this run's test rows.")
+    min_delta: float = Field(
+        0.0, ge=0, description="The lower bound of the 95% interval of the improvement in primary_metric must be "
+        "above this (0: above zero, i.e. a lift beyond the noise of the test rows).")
     guards: dict[str, float] = Field(
         {"f1_macro": 0.02}, description="Metric -> largest allowed regression vs the champion."
     )
@@ -317,6 +329,18 @@ class RegisterConfig(Section):
         description="How long register waits for an unreachable tracking server to come back before failing "
         "(the trained outputs stay on disk either way).",
     )
+
+    @field_validator("primary_metric")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        return _check_metric(v)
+
+    @field_validator("guards")
+    @classmethod
+    def _known_guards(cls, v: dict[str, float]) -> dict[str, float]:
+        for name in v:
+            _check_metric(name)
+        return v
 
     @field_validator("experiment", "model_name")
     @classmethod
