@@ -9,7 +9,7 @@ import torch
 
 from tasks import layout, train
 from tasks.config import load_params
-from tests.unit.test_train import tiny_project
+from support.training import tiny_project
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

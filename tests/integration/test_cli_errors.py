@@ -14,7 +14,6 @@ import sys
 import pytest
 
 from conftest import REPO
-from flow_project import prefect_api  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from conftest import git
-from flow_project import dvc_status, prefect_api, small_project  # noqa: F401
+from support.projects import dvc_status, small_project
 from tasks import layout
 
 pytestmark = pytest.mark.integration

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from flow_project import dvc_status, prefect_api, registered_versions, small_project, write_reviews  # noqa: F401
+from support.projects import dvc_status, registered_versions, small_project, write_reviews
 from tasks import layout, tracking
 from tasks.config import load_params
 from tasks.errors import ConfigError

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from flow_project import small_project, write_reviews
+from support.projects import small_project, write_reviews
 from tasks import evaluate, ingest, layout, predictions, preprocess, promote, register, tracking, train
 from tasks.config import load_params
 

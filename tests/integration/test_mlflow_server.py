@@ -2,53 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
-import requests
 
-from adapter_fixture import logits, make_trained_project
+from support.adapters import logits, make_trained_project
+from support.services import MLFLOW, free_port, stop_group, wait_http
 from tasks import register, tracking
 
 pytestmark = pytest.mark.integration
-MLFLOW = Path(sys.executable).with_name("mlflow")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before answering {url}")
-        try:
-            if requests.get(url, timeout=2).ok:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout_s} s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Stop a server we started in its own session (its workers included)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=15)
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +26,10 @@ def server(tmp_path_factory):
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_http(f"{url}/health", proc, 120)
+        wait_http(f"{url}/health", 120, proc)
         yield url
     finally:
-        stop(proc)
+        stop_group(proc)
         log.close()
 
 

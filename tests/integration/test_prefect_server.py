@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from flow_project import registered_versions, small_project
+from support.projects import registered_versions, small_project
 from tasks import promote, tracking
 from tasks.config import load_params
 

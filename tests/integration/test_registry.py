@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from adapter_fixture import PROMPTS, logits, make_project, make_trained_project
+from support.adapters import PROMPTS, logits, make_trained_project
+from support.projects import make_project
 from tasks import promote, register, tracking
 from tasks.config import load_params, parse_params
 from tasks.errors import ConfigError, ModelError
@@ -137,7 +138,7 @@ def test_gate_champion_rollback_and_manual_moves(tmp_path):
 
     def retrain(seed: int, accuracy: float):
         # a new pipeline run: a new adapter in the same project and store, evaluated on the same rows
-        from adapter_fixture import build_adapter, write_evaluation
+        from support.adapters import build_adapter, write_evaluation
         from tasks import atomic, layout
         from tasks.adapters import adapter_sha256
 

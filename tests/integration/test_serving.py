@@ -11,10 +11,10 @@ import pytest
 import requests
 import torch
 
-from adapter_fixture import make_trained_project
+from support.adapters import make_trained_project
+from support.services import MLFLOW, free_port, stop_group, wait_http
 from tasks import register, tracking
 from tasks.chat import stop_token_ids
-from test_mlflow_server import MLFLOW, free_port, stop, wait_http
 
 pytestmark = pytest.mark.integration
 
@@ -62,7 +62,7 @@ def test_serve_champion_generates_text_and_chat_replies(tmp_path, monkeypatch):
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}/invocations"
-        wait_http(f"http://127.0.0.1:{port}/ping", proc, 90)
+        wait_http(f"http://127.0.0.1:{port}/ping", 90, proc)
 
         def post(payload: dict):
             r = requests.post(url, timeout=60, json=payload)
@@ -91,7 +91,7 @@ def test_serve_champion_generates_text_and_chat_replies(tmp_path, monkeypatch):
         bad = requests.post(url, timeout=30, json={"inputs": {"messages": [{"content": "no role"}]}})
         assert bad.status_code == 400 and "conversation" in bad.text
     finally:
-        stop(proc)
+        stop_group(proc)
         log.close()
         if proc.returncode not in (0, -15, None):
             print((tmp_path / "serve.log").read_text()[-3000:])

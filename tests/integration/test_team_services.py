@@ -1,7 +1,7 @@
 """The team backends for real: MLflow on PostgreSQL with S3 (moto) artifacts, DVC on S3, a
 Prefect server on PostgreSQL, and the finetune flow run against all of them together.
 
-Services start once for this module (tests/integration/services.py) on 127.0.0.1.
+Services start once for this module (tests/support/services.py) on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -17,10 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flow_project import small_project
-from services import (S3_ENV, S3, MlflowServer, Postgres, TeamStack, mlflow_on_postgres,  # noqa: F401
-                      mlflow_with_basic_auth, postgres_db, s3, team_stack, use_s3_dvc_remote)
-
+from support.projects import small_project
+from support.services import S3_ENV, S3, MlflowServer, Postgres, TeamStack, use_s3_dvc_remote
 from tasks import layout, models, register, versioning
 from tasks.config import load_params
 
@@ -166,7 +164,7 @@ def test_finetune_flow_against_the_whole_team_stack(team_stack: TeamStack, tmp_p
     import torch
     from peft import PeftModel
 
-    from adapter_fixture import logits
+    from support.adapters import logits
 
     project = small_project(tmp_path / "proj")
     team_stack.use_s3_dvc_remote(project, prefix="flow")

@@ -23,14 +23,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from adapter_fixture import build_adapter  # noqa: E402
-from conftest import REPO, make_project  # noqa: E402
-from flow_project import write_reviews  # noqa: E402
-from tasks import atomic, layout, models  # noqa: E402
-from tasks.config import load_params  # noqa: E402
-from tasks.errors import ConfigError, DataError, ModelError, PeftflowError  # noqa: E402
-from tasks.adapters import adapter_sha256  # noqa: E402
+from conftest import REPO, make_project
+from support.adapters import build_adapter
+from support.projects import write_reviews
+from tasks import atomic, layout, models
+from tasks.adapters import adapter_sha256
+from tasks.config import load_params
+from tasks.errors import ConfigError, DataError, ModelError, PeftflowError
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,7 @@
 - a 1-byte flip in a local cache object -> push refuses it and checkout never writes it;
 - a 1-byte flip in a remote object -> `dvc pull` refuses it (remote `verify = true`); a flip in the
   workspace copy of the raw data -> preprocess refuses it (md5 differs from its `.dvc` record).
-Each ends with tests/reliability/invariants.check().
+Each ends with tests/support/invariants.check().
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-import invariants
 from conftest import git, make_project
+from support import invariants
 from tasks import versioning
 from tasks.errors import DataError
 

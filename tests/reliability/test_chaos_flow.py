@@ -20,12 +20,11 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-import invariants  # noqa: E402
-from conftest import REPO  # noqa: E402
-from flow_project import dvc_status, prefect_api, small_project  # noqa: F401 (fixture)
-from tasks import gate, layout, register, tracking  # noqa: E402
-from tasks.config import load_params  # noqa: E402
+from conftest import REPO
+from support import invariants
+from support.projects import dvc_status, small_project
+from tasks import gate, layout, register, tracking
+from tasks.config import load_params
 
 pytestmark = pytest.mark.integration
 BOUNDARIES = ["ingest", "preprocess", "train", "evaluate", "merge", "register"]

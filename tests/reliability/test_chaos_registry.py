@@ -10,8 +10,8 @@
   of reports/train_log.csv;
 - a 1-byte flip in a registered adapter artifact is refused before the adapter is used.
 
-Every test ends with tests/reliability/invariants.check(). Projects come from
-tests/integration/adapter_fixture.py (a real random:tiny LoRA adapter and real reports).
+Every test ends with tests/support/invariants.check(). Projects come from
+tests/support/adapters.py (a real random:tiny LoRA adapter and real reports).
 """
 
 from __future__ import annotations
@@ -24,17 +24,15 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from adapter_fixture import make_trained_project  # noqa: E402
-
-import invariants  # noqa: E402
-from servers import LossyProxy, MlflowServer  # noqa: E402
-from tasks import promote, register, tracking  # noqa: E402
-from tasks.errors import ModelError  # noqa: E402
+from support import invariants
+from support.adapters import make_trained_project
+from support.servers import LossyProxy, MlflowServer
+from tasks import promote, register, tracking
+from tasks.errors import ModelError
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
-TRAIN_LOG_POINTS = 4  # adapter_fixture writes steps 1-4 of loss, learning_rate, grad_norm, tokens_per_second
+TRAIN_LOG_POINTS = 4  # support/adapters.py writes steps 1-4 of loss, learning_rate, grad_norm, tokens_per_second
 
 
 @pytest.fixture(scope="module")

@@ -11,17 +11,13 @@ from __future__ import annotations
 import json
 import random
 import signal
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from test_resume import curve, finish, kill_when, launch, sealed_step, started, wait_until  # noqa: E402
-from test_train import adapter_bytes, tiny_project  # noqa: E402
-
-import invariants  # noqa: E402
-from tasks import checkpoints, layout  # noqa: E402
+from support import invariants
+from support.training import adapter_bytes, curve, finish, kill_when, launch, sealed_step, started, tiny_project, wait_until
+from tasks import checkpoints, layout
 
 SEEDS = range(10)
 # A checkpoint every step (so kills often land inside a save); dropout makes RNG state matter;

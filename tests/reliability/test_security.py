@@ -123,9 +123,7 @@ def test_locked_dependencies_have_no_unaddressed_known_vulnerability(lock):
 
 
 def test_secrets_never_reach_params_tags_artifacts_store_or_logs(tmp_path):
-    sys.path.insert(0, str(REPO / "tests" / "integration"))
-    from adapter_fixture import make_trained_project
-
+    from support.adapters import make_trained_project
     from tasks import tracking
     from tasks.config import load_params
 

@@ -15,8 +15,7 @@ from safetensors.torch import load_file
 from tasks import checkpoints, layout
 from tasks.config import load_params
 from tasks.errors import ConfigError
-from test_resume import curve, finish, launch, sealed_step, wait_until
-from test_train import adapter_bytes, tiny_project
+from support.training import adapter_bytes, curve, finish, launch, sealed_step, tiny_project, wait_until
 
 # Same global batch either way: 1 process x micro 2 x accumulation 4, or 2 processes x micro 2 x 2.
 COMMON = {"max_steps": 6, "global_batch_size": 8, "micro_batch_size": 2, "save_steps": 3}

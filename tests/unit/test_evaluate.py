@@ -16,55 +16,11 @@ import pandas as pd
 import pytest
 
 from conftest import make_project
+from support.adapters import make_adapter
+from support.projects import NEGATIVE, POSITIVE, prepared_project
 from tasks import encoding, evalset, evaluate, layout, models, preprocess, processed, scoring
 from tasks.config import Params, load_params
 from tasks.errors import ModelError
-
-POSITIVE = ["a warm, funny and moving film", "the cast is superb", "smart, tender, beautifully shot",
-            "one of the best films of the year", "the story sings"]
-NEGATIVE = ["dull, overlong and lifeless", "a mess of cliches", "the plot makes no sense",
-            "i checked my watch every minute", "no heart at all"]
-
-
-def prepared_project(root: Path, overrides: dict | None = None) -> Params:
-    """A real project with raw data run through the real preprocess stage; returns its params."""
-    make_project(root, overrides)
-    rows = [{"text": f"{t} #{k}", "category": cat, "movie_name": f"movie {k % 12}"}
-            for k in range(6) for texts, cat in ((POSITIVE, "fresh"), (NEGATIVE, "rotten")) for t in texts]
-    (root / layout.RAW_DATA).parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_parquet(root / layout.RAW_DATA)
-    params = load_params(root / "params.yaml")
-    preprocess.run(params)
-    return params
-
-
-def make_adapter(params: Params, method: str = "lora", scale: float = 0.5, seed: int = 1,
-                 target: Path | None = None) -> Path:
-    """Save a real adapter for the project's base model at models/adapter (or `target`)."""
-    import torch
-    from peft import LoraConfig, PromptTuningConfig, TaskType, get_peft_model
-
-    base = models.resolve(params.model)
-    classification = params.preprocess.format == "classification"
-    labels = len(json.loads((params.root / layout.report("preprocess")).read_text())["label_names"])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = models.load_model(base, classification_labels=labels if classification else None)
-        task = TaskType.SEQ_CLS if classification else TaskType.CAUSAL_LM
-        if method == "lora":
-            config = LoraConfig(task_type=task, r=4, lora_alpha=8, target_modules="all-linear")
-        else:
-            config = PromptTuningConfig(task_type=task, num_virtual_tokens=4)
-        peft_model = get_peft_model(model, config)
-        with torch.no_grad():
-            for name, p in peft_model.named_parameters():
-                if p.requires_grad:
-                    p.add_(torch.randn_like(p) * scale)
-    target = target or params.root / layout.ADAPTER
-    peft_model.save_pretrained(str(target), safe_serialization=True)
-    models.load_tokenizer(base).save_pretrained(str(target))
-    return target
-
 
 @pytest.fixture
 def tiny(tmp_path: Path) -> Params:

@@ -10,7 +10,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from test_evaluate import make_adapter, prepared_project
+from support.adapters import make_adapter
+from support.projects import prepared_project
 from tasks import layout, merge, models
 from tasks.config import Params
 from tasks.errors import ModelError

@@ -9,7 +9,7 @@ from peft import PeftModel
 from tasks import models, peft_methods, train
 from tasks.config import PeftConfig, load_params
 from tasks.errors import ConfigError
-from test_train import tiny_project
+from support.training import tiny_project
 
 METHODS = [
     {"method": "lora"},

@@ -3,68 +3,19 @@ and rerun ends byte-identical to an uninterrupted run, with the same loss curve.
 
 from __future__ import annotations
 
-import csv
 import json
 import random
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from support.training import adapter_bytes, curve, finish, kill_when, launch, tiny_project
 from tasks import checkpoints, layout
-from test_train import adapter_bytes, tiny_project
 
-REPO = Path(__file__).resolve().parents[2]
 # Checkpoint every step so that random kills often land inside a save; dropout makes RNG state matter.
 RESUME_PARAMS = {"max_steps": 6, "save_steps": 1, "global_batch_size": 4, "micro_batch_size": 2,
                  "peft": {"dropout": 0.1}}
-
-
-def launch(params_path: Path) -> subprocess.Popen:
-    log = open(params_path.parent / "train.stderr", "ab")
-    return subprocess.Popen([sys.executable, "-m", "tasks", "train", "--params", str(params_path)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=log)
-
-
-def finish(params_path: Path) -> None:
-    proc = launch(params_path)
-    assert proc.wait(timeout=300) == 0, (params_path.parent / "train.stderr").read_text()[-3000:]
-
-
-def curve(root: Path) -> list[tuple[str, ...]]:
-    """The per-step log without the timing column (which legitimately differs)."""
-    with open(root / layout.TRAIN_LOG) as f:
-        return [(r["step"], r["loss"], r["learning_rate"], r["grad_norm"]) for r in csv.DictReader(f)]
-
-
-def started(root: Path, step: int) -> bool:
-    """True once the folder of checkpoint-<step> exists (its save has begun)."""
-    return any((root / layout.CHECKPOINTS).glob(f"*/checkpoint-{step}"))
-
-
-def sealed_step(root: Path, step: int) -> bool:
-    """True once checkpoint-<step> exists with a verifying manifest."""
-    return any(checkpoints.verify(c) for c in (root / layout.CHECKPOINTS).glob(f"*/checkpoint-{step}"))
-
-
-def wait_until(proc: subprocess.Popen, done, timeout: float) -> None:
-    """Poll until `done()` holds, the process exits or `timeout` s pass."""
-    deadline = time.monotonic() + timeout
-    while proc.poll() is None and time.monotonic() < deadline and not done():
-        time.sleep(0.0005)
-
-
-def kill_when(proc: subprocess.Popen, root: Path, step: int, extra_delay: float) -> bool:
-    """SIGKILL once checkpoint-<step> starts to appear, `extra_delay` s later at most: never after
-    checkpoint-<step+1> starts to appear, so a fast machine cannot run past the kill.
-    Returns True if a save was cut."""
-    wait_until(proc, lambda: started(root, step), 300)
-    wait_until(proc, lambda: started(root, step + 1), extra_delay)
-    proc.kill()
-    proc.wait()
-    return any(not checkpoints.verify(c) for c in (root / layout.CHECKPOINTS).glob("*/checkpoint-*"))
 
 
 @pytest.fixture(scope="module")

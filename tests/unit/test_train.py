@@ -1,7 +1,7 @@
 """Train stage on the tiny random model (CPU): loss falls, determinism, skip, NaN stop, QLoRA error, outputs.
 
-The processed data is built here with the real byte tokenizer in the layout preprocess writes
-(docs/architecture.md), so these tests do not depend on the preprocess stage.
+The processed data is built with the real byte tokenizer in the layout preprocess writes
+(docs/architecture.md; support/training.py), so these tests do not depend on the preprocess stage.
 """
 
 from __future__ import annotations
@@ -12,69 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
+from support.training import adapter_bytes, tiny_project
 from tasks import adapters, layout, models, train
-from tasks.config import ModelConfig, load_params
+from tasks.config import load_params
 from tasks.errors import ModelError, TrainingError
-
-REVIEWS = [
-    ("a warm, funny and moving film", "positive"),
-    ("dull, overlong and lifeless", "negative"),
-    ("the cast is superb and the story sings", "positive"),
-    ("a mess of clichés with no heart", "negative"),
-    ("one of the best films of the year", "positive"),
-    ("i checked my watch every five minutes", "negative"),
-    ("smart, tender and beautifully shot", "positive"),
-    ("the plot makes no sense at all", "negative"),
-]
-LABEL_NAMES = ["negative", "positive"]
-
-
-def write_processed(root: Path, fmt: str = "instruction", repeat: int = 2) -> None:
-    """data/processed/ + reports/preprocess.json in the preprocess stage's layout, from REVIEWS."""
-    from datasets import Dataset, DatasetDict
-
-    tok = models.load_tokenizer(models.resolve(ModelConfig(base="random:tiny")))
-    rows = []
-    for text, target in REVIEWS * repeat:
-        prompt = f"Review: {text}\nSentiment: "
-        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        t_ids = tok(target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        row = {"prompt": prompt, "target": target, "label": LABEL_NAMES.index(target)}
-        if fmt == "classification":
-            row["input_ids"] = p_ids
-        else:
-            row["input_ids"] = p_ids + t_ids
-            row["labels"] = [-100] * len(p_ids) + t_ids
-        rows.append(row)
-    split = Dataset.from_list(rows)
-    DatasetDict(train=split, validation=split.select(range(4)), test=split.select(range(4))).save_to_disk(
-        str(root / layout.PROCESSED))
-    (root / layout.REPORTS).mkdir(parents=True, exist_ok=True)
-    (root / layout.report("preprocess")).write_text(json.dumps({"label_names": LABEL_NAMES}))
-
-
-def tiny_project(root: Path, train_overrides: dict | None = None, fmt: str = "instruction",
-                 base: str = "random:tiny") -> Path:
-    """A project folder with params.yaml (tiny model, few steps) and processed data; returns params path."""
-    root.mkdir(parents=True, exist_ok=True)
-    params = yaml.safe_load((Path(__file__).resolve().parents[2] / "params.yaml").read_text())
-    params["model"]["base"] = base
-    params["preprocess"]["format"] = fmt
-    params["train"]["peft"]["last_layers"] = None  # the tiny model has 2 layers
-    params["train"].update({"max_steps": 4, "global_batch_size": 4, "micro_batch_size": 2, "save_steps": 2,
-                            "learning_rate": 1.0e-3, "warmup_steps": 0, "lr_scheduler": "constant"})
-    params["train"].update(train_overrides or {})
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    write_processed(root, fmt)
-    return root / "params.yaml"
-
-
-def adapter_bytes(root: Path) -> dict[str, bytes]:
-    folder = root / layout.ADAPTER
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
-
 
 def test_loss_falls_and_outputs_are_complete(tmp_path):
     params = load_params(tiny_project(tmp_path / "p", {"max_steps": 30, "learning_rate": 5.0e-3,

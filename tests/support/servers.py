@@ -18,15 +18,12 @@ import random
 import signal
 import socket
 import subprocess
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from services import HOST, free_port, wait_http  # noqa: E402
+from support.services import HOST, MLFLOW, free_port, wait_http
 
-MLFLOW = Path(sys.executable).with_name("mlflow")
 _HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "proxy-connection", "te", "upgrade"}
 
 

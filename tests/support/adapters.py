@@ -1,23 +1,28 @@
-"""A real project whose train/evaluate outputs exist: a random:tiny LoRA adapter with non-zero
-lora_B (so it changes the logits) and small real reports. Used by the MLflow/registry tests."""
+"""Real adapters for tests.
+
+- `make_trained_project(root)`: a real project whose train/evaluate outputs exist: a random:tiny
+  LoRA adapter with non-zero lora_B (so it changes the logits) and small real reports (400-row
+  per-row evaluation table). Used by the MLflow/registry/serving tests.
+- `build_adapter(params, seed)`, `logits(model, tokenizer)`: that adapter in memory, and its logits.
+- `make_adapter(params, method, scale, seed)`: a seeded random adapter (LoRA or prompt tuning) for
+  the project's own base and task, saved at models/adapter (evaluate and merge tests).
+"""
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import sys
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import make_project  # noqa: E402
-
-from tasks import atomic, layout, models  # noqa: E402
-from tasks.config import load_params  # noqa: E402
-from tasks.adapters import adapter_sha256  # noqa: E402
+from support.projects import make_project
+from tasks import atomic, layout, models
+from tasks.adapters import adapter_sha256
+from tasks.config import Params, load_params
 
 PROMPTS = ["Review: a fine film\nIs this review positive or negative?", "Review: dull\nIs it good?", "hello world"]
 
@@ -104,3 +109,30 @@ def make_trained_project(root: Path, *, seed: int = 1, accuracy: float = 0.7,
             w.writerow([step, 3.0 - 0.2 * step, 1e-3, 0.5, 1000.0 + step])
     write_evaluation(root, accuracy)
     return params, model, tok
+
+
+def make_adapter(params: Params, method: str = "lora", scale: float = 0.5, seed: int = 1,
+                 target: Path | None = None) -> Path:
+    """Save a real adapter for the project's base model at models/adapter (or `target`)."""
+    from peft import LoraConfig, PromptTuningConfig, TaskType, get_peft_model
+
+    base = models.resolve(params.model)
+    classification = params.preprocess.format == "classification"
+    labels = len(json.loads((params.root / layout.report("preprocess")).read_text())["label_names"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = models.load_model(base, classification_labels=labels if classification else None)
+        task = TaskType.SEQ_CLS if classification else TaskType.CAUSAL_LM
+        if method == "lora":
+            config = LoraConfig(task_type=task, r=4, lora_alpha=8, target_modules="all-linear")
+        else:
+            config = PromptTuningConfig(task_type=task, num_virtual_tokens=4)
+        peft_model = get_peft_model(model, config)
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * scale)
+    target = target or params.root / layout.ADAPTER
+    peft_model.save_pretrained(str(target), safe_serialization=True)
+    models.load_tokenizer(base).save_pretrained(str(target))
+    return target

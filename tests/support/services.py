@@ -14,12 +14,16 @@ Starters (context managers, usable outside pytest):
   credentials); with `admin_password`, the basic-auth app.
 - `prefect_server(pg)` -> PrefectServer: `prefect server start` on pg's `prefect` database.
 
-Fixtures (module-scoped, so a test module starts each service once; import them into the test
-module, e.g. `from services import team_stack, postgres_db, s3, mlflow_on_postgres`; there is no
-tests/integration/conftest.py because a second conftest module breaks the suite's
-`from conftest import ...`): `postgres_db`, `s3`, `mlflow_on_postgres`, `mlflow_with_basic_auth`,
-and `team_stack` (all four; `TeamStack.env()` is the environment a finetune flow run needs to use
-them, `TeamStack.use_s3_dvc_remote(project)` points the project's DVC at the S3 server).
+Fixtures (module-scoped, so a test module starts each service once; tests/conftest.py provides
+them to every test): `postgres_db`, `s3`, `mlflow_on_postgres`, `mlflow_with_basic_auth`, and
+`team_stack` (all four; `TeamStack.env()` is the environment a finetune flow run needs to use
+them, `TeamStack.use_s3_dvc_remote(project)` points the project's DVC at the S3 server); and
+`prefect_api`, Prefect's temporary test server (in this process's settings; a subprocess gets it
+through PREFECT_API_URL = `prefect.settings.PREFECT_API_URL.value()`).
+
+Helpers: `free_port()`, `wait_http(url, timeout_s, proc, log)`, `stop_group(proc)` (SIGTERM, then
+SIGKILL, to the process group of a server started with `start_new_session=True`), `MLFLOW` (this
+venv's mlflow program).
 
 Missing programs (Debian's postgresql, requirements-services.lock) skip with the install command;
 `scripts/ci-setup.sh` installs both, so CI runs these tests. A service that does not come up
@@ -35,6 +39,7 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -50,6 +55,7 @@ import pytest
 
 HOST = "127.0.0.1"
 BIN = Path(sys.executable).parent
+MLFLOW = BIN / "mlflow"
 INSTALL_HINT = "install with `bash scripts/ci-setup.sh` (CI does)"
 # moto accepts any credentials; these name the fake account in logs.
 S3_ENV = {"AWS_ACCESS_KEY_ID": "peftflow-test", "AWS_SECRET_ACCESS_KEY": "peftflow-test-secret",
@@ -90,6 +96,17 @@ def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None, 
             pass
         time.sleep(0.5)
     raise ServiceError(f"{url} did not answer within {timeout_s:.0f} s:\n{_tail(log) if log else ''}")
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stop a server we started in its own session (its workers included)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=15)
 
 
 @contextlib.contextmanager
@@ -355,3 +372,13 @@ def team_stack(postgres_db: Postgres, s3: S3, mlflow_on_postgres: MlflowServer) 
     test. Apply `stack.env()` to the flow's process (monkeypatch.setenv or a subprocess env)."""
     with prefect_server(postgres_db) as prefect:
         yield TeamStack(postgres_db, s3, mlflow_on_postgres, prefect)
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    from prefect.settings import PREFECT_HOME, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with temporary_settings({PREFECT_HOME: tmp_path_factory.mktemp("prefect-home")}):
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
