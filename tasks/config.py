@@ -301,11 +301,15 @@ class MergeConfig(Section):
     parity_samples: int = Field(8, ge=1, description="Held-out rows used for the parity check.")
 
 
-def _check_metric(name: str) -> str:
-    from tasks.metrics import REPORT_ORDER  # the metrics evaluate reports
+# Every metric the evaluate stage can report, in report order (tasks/metrics.py computes them);
+# here so that params naming a metric are checked at load time.
+METRIC_NAMES = ("accuracy", "accuracy_norm", "accuracy_calibrated", "majority_rate", "f1_macro", "loss", "perplexity",
+                "exact_match", "token_f1", "rouge_l", "chrf", "embedding_similarity", "length", "length_ratio")
 
-    if name not in REPORT_ORDER:
-        raise ValueError(f"unknown metric '{name}'; evaluate reports: {', '.join(REPORT_ORDER)}")
+
+def _check_metric(name: str) -> str:
+    if name not in METRIC_NAMES:
+        raise ValueError(f"unknown metric '{name}'; evaluate reports: {', '.join(METRIC_NAMES)}")
     return name
 
 

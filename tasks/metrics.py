@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from tasks.config import METRIC_NAMES
+
 
 def _check(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     t = np.asarray(y_true, dtype=np.int64).reshape(-1)
@@ -127,9 +129,6 @@ def defined_rows(name: str, cols) -> np.ndarray:
     return np.ones(n, dtype=bool)
 
 
-REPORT_ORDER = (*PREDICTORS, "f1_macro", "loss", "perplexity", *GENERATIVE, "length_ratio")
-
-
 def metric_names(cols, n_classes: int) -> list[str]:
     """The metrics a table supports, in report order."""
-    return [m for m in REPORT_ORDER if table_metric(m, cols, n_classes) is not None]
+    return [m for m in METRIC_NAMES if table_metric(m, cols, n_classes) is not None]

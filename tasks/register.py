@@ -28,14 +28,14 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tasks import atomic, gate, layout, models, predictions, processed, promote, tracking
+from tasks import atomic, gate, layout, models, predictions, processed, promote, registry, tracking
 from tasks.adapters import adapter_sha256
 from tasks.config import Params
 from tasks.errors import ModelError, PeftflowError
 
 log = logging.getLogger(__name__)
 
-TAG_TOKEN = "peftflow.run_token"
+TAG_TOKEN = registry.TAG_TOKEN
 TAG_GATE = "peftflow.gate.promote"  # "true" / "false" / "skipped": its presence = registration complete
 TAG_GATE_REASON = "peftflow.gate.reason"
 TAG_GATE_REFERENCE = "peftflow.gate.reference"
@@ -81,12 +81,6 @@ def adapter_digest(params: Params, train: dict) -> str:
         raise ModelError(f"{folder} changed since training (sha256 {digest}, reports/train.json says {recorded}); "
                          f"re-run `python -m tasks train`")
     return digest
-
-
-def find_version(client, name: str, token: str) -> list[str]:
-    """Versions of `name` tagged with `token`, lowest first."""
-    found = client.search_model_versions(f"name='{name}' and tags.`{TAG_TOKEN}` = '{token}'")
-    return sorted((str(v.version) for v in found), key=int)
 
 
 def _pip_requirements() -> list[str]:
@@ -156,20 +150,6 @@ def _version_tags(params: Params, token: str, adapter_sha: str, lineage: dict, e
     return tags
 
 
-def artifact_adapter_dir(model_dir: Path) -> Path:
-    """The adapter folder inside a downloaded model version (per its MLmodel file)."""
-    import yaml
-
-    flavor = yaml.safe_load((Path(model_dir) / "MLmodel").read_text())["flavors"]["python_function"]
-    return Path(model_dir) / flavor["artifacts"]["adapter"]["path"]
-
-
-def model_config_of(model_dir: Path) -> dict:
-    import yaml
-
-    return yaml.safe_load((Path(model_dir) / "MLmodel").read_text())["flavors"]["python_function"]["config"]
-
-
 def _create_version(client, params: Params, run_id: str, name: str, tags: dict, description: str) -> str:
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -197,8 +177,8 @@ def _create_version(client, params: Params, run_id: str, name: str, tags: dict, 
 def _verify_stored(params: Params, name: str, version: str, adapter_sha: str) -> None:
     """Download the version and check that its adapter folder hashes to what was trained."""
     with tempfile.TemporaryDirectory() as tmp:
-        local = download_model(f"models:/{name}/{version}", params, Path(tmp))
-        stored = adapter_sha256(artifact_adapter_dir(local))
+        local = registry.download_model(f"models:/{name}/{version}", params, Path(tmp))
+        stored = adapter_sha256(registry.artifact_adapter_dir(local))
     if stored != adapter_sha:
         raise ModelError(f"model version {name}/{version} holds adapter weights sha256 {stored}, "
                          f"expected {adapter_sha}; the version was deleted, re-run `python -m tasks register`")
@@ -232,7 +212,7 @@ def _champion_table(client, params: Params, name: str, current: str, rows: list[
             if recorded_rows == rows:
                 return table, ""
         try:
-            adapter, config = download_adapter(f"models:/{name}/{current}", params, Path(tmp))
+            adapter, config = registry.download_adapter(f"models:/{name}/{current}", params, Path(tmp))
             names = processed.label_names(params.root)
             if list(config.get("label_names") or []) != names:
                 return None, f"its label names {config.get('label_names')} differ from this run's {names}"
@@ -311,10 +291,10 @@ def run(params: Params, run_id: str | None = None) -> RegisterResult:
         # pipeline run then find each other's points and version instead of both logging and creating
         # them (no doubled curve, versions stay dense), and the gate's read-decide-move of
         # `champion` cannot interleave with another's.
-        with tracking.registry_lock(client, cfg.model_name):
+        with registry.registry_lock(client, cfg.model_name):
             tracking.log_pipeline(run_id, params)
             lineage = client.get_run(run_id).data.tags
-            existing = find_version(client, cfg.model_name, token)
+            existing = registry.find_version(client, cfg.model_name, token)
             created = not existing
             if created:
                 description = (f"Adapter on {lineage.get('base.spec')} (weights sha256 {lineage.get('base.weights_sha256')}); "
@@ -325,7 +305,7 @@ def run(params: Params, run_id: str | None = None) -> RegisterResult:
                                        _version_tags(params, token, adapter_sha, lineage, evaluation), description)
                 # A request the client retried after a lost answer may have created another version
                 # with our token (all ours, under the lock): keep the lowest, delete the others.
-                versions = find_version(client, cfg.model_name, token)
+                versions = registry.find_version(client, cfg.model_name, token)
                 for extra in versions[1:]:
                     log.warning("register: deleting version %s of %s, a duplicate of version %s (token %s)",
                                 extra, cfg.model_name, versions[0], token[:12])
@@ -373,68 +353,3 @@ def run(params: Params, run_id: str | None = None) -> RegisterResult:
     if owns_run:
         tracking.finish_run(params, run_id, "FINISHED")
     return result
-
-
-def download_model(model_uri: str, params: Params, dst: Path) -> Path:
-    """Download `models:/<name>/<version>` or `models:/<name>@<alias>` from this project's registry.
-
-    Resolved through an explicit client: MLflow's own `models:/` resolution uses the process-global
-    registry URI, which may point at another store.
-    """
-    import mlflow
-
-    spec = model_uri.removeprefix("models:/")
-    c = tracking.client(params)
-    if "@" in spec:
-        name, alias = spec.split("@", 1)
-        version = str(c.get_model_version_by_alias(name, alias).version)
-    else:
-        name, version = spec.rsplit("/", 1)
-    source = c.get_model_version_download_uri(name, version)
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst),
-                                                    tracking_uri=tracking.tracking_uri(params)))
-
-
-def download_adapter(model_uri: str, params: Params, dst: Path) -> tuple[Path, dict]:
-    """Download a registered model (e.g. `models:/name@champion`); return (adapter folder, model config).
-
-    Raises ModelError when the downloaded adapter's bytes differ from the version's `adapter.sha256`
-    tag (a corrupted artifact store), before anything loads them.
-    """
-    spec = model_uri.removeprefix("models:/")
-    c = tracking.client(params)
-    if "@" in spec:  # resolve the alias once, so the bytes are checked against the version downloaded
-        name, alias = spec.split("@", 1)
-        mv = c.get_model_version_by_alias(name, alias)
-    else:
-        name, version = spec.rsplit("/", 1)
-        mv = c.get_model_version(name, version)
-    local = download_model(f"models:/{name}/{mv.version}", params, dst)
-    adapter = artifact_adapter_dir(local)
-    expected, stored = mv.tags.get("adapter.sha256"), adapter_sha256(adapter)
-    if expected and stored != expected:
-        raise ModelError(f"{model_uri} (version {mv.version}): the stored adapter has sha256 {stored}, but the version "
-                         f"was registered with {expected}; the artifact store is corrupted. Restore the artifact from a "
-                         f"backup, or promote another version (`python -m tasks.promote promote VERSION`).")
-    return adapter, model_config_of(local)
-
-
-def load_peft(model_uri: str, params: Params, dst: Path):
-    """The PEFT route: base model (hash-checked) + PeftModel.from_pretrained on the downloaded adapter.
-
-    Returns (PeftModel in eval mode, fp32, tokenizer). Raises ModelError when the local base
-    model's weights differ from the ones the adapter was trained on.
-    """
-    from peft import PeftModel
-
-    adapter, config = download_adapter(model_uri, params, dst)
-    base = models.BaseModel(config["base_spec"], config["base_path"], config["base_revision"] or None,
-                            config["base_weights_sha256"], is_encoder=False)
-    if models.weights_sha256(Path(base.path)) != base.weights_sha256:
-        raise ModelError(f"base model {base.path} differs from the one {model_uri} was trained on "
-                         f"(weights sha256 {base.weights_sha256})")
-    labels = config["label_names"] if config["task"] == "classification" else None
-    model = models.load_model(base, classification_labels=len(labels) if labels else None)
-    from transformers import AutoTokenizer
-
-    return PeftModel.from_pretrained(model, adapter).eval(), AutoTokenizer.from_pretrained(adapter)

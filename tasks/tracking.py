@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import socket
 import subprocess
 import time
@@ -36,15 +34,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from tasks import layout, models
-from tasks.adapters import adapter_sha256
+from tasks import layout, lineage
 from tasks.config import Params, flatten
 from tasks.errors import PeftflowError
 
 ENV_RUN_ID = "PEFTFLOW_MLFLOW_RUN_ID"  # set by the flow so stages log into its run
 ENV_FLOW_RUN_ID = "PREFECT__FLOW_RUN_ID"  # set by Prefect for flow runs in subprocesses
 TAG_PID, TAG_HOST, TAG_PID_START = "peftflow.pid", "peftflow.host", "peftflow.pid_start"
-LIBRARIES = ("torch", "transformers", "peft", "datasets", "accelerate", "mlflow", "dvc", "prefect", "safetensors")
 # MLflow batch limits (per request): 1000 metrics, 100 params, 100 tags.
 _MAX_METRICS, _MAX_PARAMS, _MAX_TAGS = 1000, 100, 100
 
@@ -145,14 +141,14 @@ def experiment_id(params: Params, mlflow_client=None) -> str:
         return exp.experiment_id
 
 
-def _process_tags() -> dict[str, str]:
+def process_tags() -> dict[str, str]:
     import psutil
 
     pid = os.getpid()
     return {TAG_PID: str(pid), TAG_HOST: socket.gethostname(), TAG_PID_START: repr(psutil.Process(pid).create_time())}
 
 
-def _process_alive(pid: int, started: str | None) -> bool:
+def process_alive(pid: int, started: str | None) -> bool:
     import psutil
 
     try:
@@ -171,73 +167,18 @@ def mark_stale_runs(params: Params, mlflow_client=None) -> list[str]:
     stale = []
     for run in c.search_runs([exp], filter_string=f"attributes.status = 'RUNNING' and tags.`{TAG_HOST}` = '{host}'"):
         pid = run.data.tags.get(TAG_PID)
-        if pid and pid.isdigit() and not _process_alive(int(pid), run.data.tags.get(TAG_PID_START)):
+        if pid and pid.isdigit() and not process_alive(int(pid), run.data.tags.get(TAG_PID_START)):
             c.set_tag(run.info.run_id, "peftflow.killed_reason", f"process {pid} on {host} was gone at a later start")
             c.set_terminated(run.info.run_id, status="KILLED")
             stale.append(run.info.run_id)
     return stale
 
 
-LOCK_SUFFIX = ".lock"  # registered model `<name>.lock` exists while a process registers into `<name>`
-TAG_LOCK_OWNER, TAG_LOCK_SINCE = "peftflow.lock.owner", "peftflow.lock.since"
-
-
-@contextlib.contextmanager
-def registry_lock(mlflow_client, name: str, stale_s: float = 900.0, timeout_s: float = 1800.0) -> Iterator[None]:
-    """Hold a mutex on registered model `name`, shared by every process and machine using the store.
-
-    Creating a registered model is atomic in every MLflow store (its name is unique), so whoever
-    creates `<name>.lock` holds the lock; its tags (set in the same request) name the owner. A
-    create whose answer was lost is recognised by the owner tag. A lock whose process on this host
-    is gone, or older than `stale_s`, is broken. Raises TrackingError after `timeout_s` of waiting.
-    """
-    import uuid
-
-    from mlflow.exceptions import MlflowException
-
-    lock, nonce = name + LOCK_SUFFIX, uuid.uuid4().hex
-    tags = {TAG_LOCK_OWNER: nonce, TAG_LOCK_SINCE: repr(time.time()), **_process_tags()}
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            mlflow_client.create_registered_model(lock, tags=tags, description=f"held while registering into {name}")
-            break
-        except MlflowException as err:
-            # RESOURCE_DOES_NOT_EXIST: the server saw the name taken, then the holder released the
-            # lock before the server could describe it (seen with 8 registrations at once).
-            if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
-                raise
-        try:
-            held = mlflow_client.get_registered_model(lock).tags
-        except MlflowException:
-            continue  # released meanwhile
-        if held.get(TAG_LOCK_OWNER) == nonce:
-            break  # our create went through; only its answer was lost
-        pid = held.get(TAG_PID, "")
-        dead = (held.get(TAG_HOST) == socket.gethostname() and pid.isdigit()
-                and not _process_alive(int(pid), held.get(TAG_PID_START)))
-        if dead or time.time() - float(held.get(TAG_LOCK_SINCE) or 0) > stale_s:
-            with contextlib.suppress(MlflowException):
-                mlflow_client.delete_registered_model(lock)
-            continue
-        if time.monotonic() > deadline:
-            raise TrackingError(f"registered model {lock} has been held for more than {timeout_s:.0f} s by process "
-                                f"{pid} on {held.get(TAG_HOST)}; if that process is gone, delete {lock} in MLflow")
-        time.sleep(0.2)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(MlflowException):
-            # Only our own lock: had it been broken as stale, another process may hold a new one.
-            if mlflow_client.get_registered_model(lock).tags.get(TAG_LOCK_OWNER) == nonce:
-                mlflow_client.delete_registered_model(lock)
-
-
 def start_run(params: Params, run_name: str | None = None, tags: dict[str, str] | None = None) -> str:
     """Create the pipeline's MLflow run (after cleaning up killed ones) and return its id."""
     c = client(params)
     mark_stale_runs(params, c)
-    run = c.create_run(experiment_id(params, c), run_name=run_name, tags={**_process_tags(), **(tags or {})})
+    run = c.create_run(experiment_id(params, c), run_name=run_name, tags={**process_tags(), **(tags or {})})
     return run.info.run_id
 
 
@@ -253,7 +194,7 @@ def adopt_run(params: Params, run_id: str) -> None:
     """Make this process the owner of an existing run (a re-run resuming it): RUNNING, our pid tags."""
     c = client(params)
     c.update_run(run_id, status="RUNNING")
-    for k, v in _process_tags().items():
+    for k, v in process_tags().items():
         c.set_tag(run_id, k, v)
 
 
@@ -333,62 +274,6 @@ def read_train_log(path: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def gpu_hours(train: dict[str, Any]) -> float:
-    """GPU-hours of the train stage (one device per training process): wall hours on CUDA, 0 on CPU."""
-    if not str(train.get("device", "")).startswith("cuda"):
-        return 0.0
-    return float(train.get("wall_seconds") or 0.0) / 3600.0
-
-
-def git_state(root: Path) -> dict[str, str]:
-    """{"git.commit": sha, "git.dirty": "true"/"false"} of the project, or {} outside git."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True, timeout=30).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return {"git.commit": commit, "mlflow.source.git.commit": commit, "git.dirty": str(bool(dirty)).lower()}
-
-
-def library_versions() -> dict[str, str]:
-    out = {}
-    for lib in LIBRARIES:
-        try:
-            out[f"lib.{lib}"] = importlib.metadata.version(lib)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return out
-
-
-def lineage_tags(params: Params, flow_run_id: str | None = None) -> dict[str, str]:
-    """Everything needed to say where this run's model came from, as string tags."""
-    root = Path(params.root)
-    tags = {"params.sha256": params.sha256, "python": platform.python_version(), **git_state(root),
-            **library_versions()}
-    ingest = read_report(params, "ingest") or {}
-    if ingest.get("md5"):
-        tags["data.md5"] = str(ingest["md5"])
-    if ingest.get("source"):
-        tags["data.source"] = str(ingest["source"])
-    base = models.resolve(params.model)
-    tags.update({"base.spec": base.spec, "base.path": base.path, "base.revision": base.revision or "",
-                 "base.weights_sha256": base.weights_sha256})
-    if (root / layout.ADAPTER / "adapter_config.json").is_file():
-        tags["adapter.sha256"] = adapter_sha256(root / layout.ADAPTER)
-    train = read_report(params, "train") or {}
-    for key in ("device", "tokens_trained", "fingerprint", "method"):
-        if train.get(key) is not None:
-            tags[f"train.{key}"] = str(train[key])
-    if train:
-        tags["train.gpu_hours"] = f"{gpu_hours(train):.6f}"
-    flow_run_id = flow_run_id or os.environ.get(ENV_FLOW_RUN_ID)
-    if flow_run_id:
-        tags["prefect.flow_run_id"] = flow_run_id
-    return tags
-
-
 # ---------------------------------------------------------------- logging
 
 
@@ -429,7 +314,9 @@ def log_pipeline(run_id: str, params: Params, flow_run_id: str | None = None) ->
     for chunk in _chunks(points, _MAX_METRICS):
         c.log_batch(run_id, metrics=chunk)
 
-    tags = [RunTag(k, v) for k, v in lineage_tags(params, flow_run_id).items()
+    tags = [RunTag(k, v) for k, v in lineage.tags(params, read_report(params, "ingest") or {},
+                                                  read_report(params, "train") or {},
+                                                  flow_run_id or os.environ.get(ENV_FLOW_RUN_ID)).items()
             if run.data.tags.get(k) != v]
     for chunk in _chunks(tags, _MAX_TAGS):
         c.log_batch(run_id, tags=chunk)

@@ -8,7 +8,7 @@ import pytest
 
 from support.adapters import logits, make_trained_project
 from support.services import MLFLOW, free_port, stop_group, wait_http
-from tasks import register, tracking
+from tasks import register, registry, tracking
 
 pytestmark = pytest.mark.integration
 
@@ -68,7 +68,7 @@ def test_load_back_through_server_gives_trained_logits(registered, tmp_path):
     params, model, tok, _ = registered
     uri = f"models:/{params.register.model_name}@champion"
     expected = logits(model, tok)
-    peft_model, peft_tok = register.load_peft(uri, params, tmp_path / "dl")
+    peft_model, peft_tok = registry.load_peft(uri, params, tmp_path / "dl")
     assert (logits(peft_model, peft_tok) - expected).abs().max().item() <= 1e-5
     loaded = mlflow.pyfunc.load_model(uri).unwrap_python_model()
     assert (logits(loaded.model, loaded.tokenizer) - expected).abs().max().item() <= 1e-5

@@ -18,7 +18,7 @@ import pytest
 
 from support.adapters import PROMPTS, logits, make_trained_project
 from support.projects import make_project
-from tasks import promote, register, tracking
+from tasks import promote, register, registry, tracking
 from tasks.config import load_params, parse_params
 from tasks.errors import ConfigError, ModelError
 
@@ -90,7 +90,7 @@ def test_version_holds_adapter_only_with_lineage_tags(registered, tmp_path):
     assert json.loads(mv.tags[register.TAG_GATE_IMPROVEMENT])["low"] > 0
     aliases = c.get_registered_model(params.register.model_name).aliases
     assert {k: str(v) for k, v in aliases.items()} == {"challenger": result.version, "champion": result.version}
-    adapter, config = register.download_adapter(f"models:/{params.register.model_name}@champion", params, tmp_path)
+    adapter, config = registry.download_adapter(f"models:/{params.register.model_name}@champion", params, tmp_path)
     files = {p.name for p in adapter.iterdir()}
     assert "adapter_model.safetensors" in files and "adapter_config.json" in files
     assert not {"model.safetensors", "pytorch_model.bin"} & files  # the base is referenced, never copied
@@ -112,7 +112,7 @@ def test_round_trip_pyfunc_and_peft_give_trained_logits(registered, tmp_path, mo
     assert (logits(loaded.model, loaded.tokenizer) - expected).abs().max().item() <= TOL
     out = pyfunc_model.predict(PROMPTS[:2], params={"max_new_tokens": 3})
     assert len(out) == 2 and all(isinstance(s, str) for s in out)
-    peft_model, peft_tok = register.load_peft(uri, params, tmp_path)
+    peft_model, peft_tok = registry.load_peft(uri, params, tmp_path)
     assert (logits(peft_model, peft_tok) - expected).abs().max().item() <= TOL
     # the comparison would catch a changed weight: the adapter really moves the logits
     with peft_model.disable_adapter():

@@ -13,7 +13,7 @@ import torch
 
 from support.adapters import make_trained_project
 from support.services import MLFLOW, free_port, stop_group, wait_http
-from tasks import register, tracking
+from tasks import register, registry, tracking
 from tasks.chat import stop_token_ids
 
 pytestmark = pytest.mark.integration
@@ -43,8 +43,8 @@ def test_serve_champion_generates_text_and_chat_replies(tmp_path, monkeypatch):
     params, model, tok = make_trained_project(tmp_path / "proj", seed=17, overrides={"preprocess": {"format": "chat"}})
     result = register.run(params)
     assert result.champion == result.version
-    local = register.download_model(f"models:/{params.register.model_name}/{result.version}", params, tmp_path / "dl")
-    config = register.model_config_of(local)
+    local = registry.download_model(f"models:/{params.register.model_name}/{result.version}", params, tmp_path / "dl")
+    config = registry.model_config_of(local)
     assert config["task"] == "chat" and config["stop_token_ids"] == [tok.convert_tokens_to_ids("<|im_end|>")]
     short = CONVERSATION[1:2]
     expected, expected_short = direct_reply(model, tok, CONVERSATION), direct_reply(model, tok, short)

@@ -19,7 +19,7 @@ import yaml
 
 from support.projects import small_project
 from support.services import S3_ENV, S3, MlflowServer, Postgres, TeamStack, use_s3_dvc_remote
-from tasks import layout, models, register, versioning
+from tasks import layout, models, register, registry, versioning
 from tasks.config import load_params
 
 REPO = Path(__file__).resolve().parents[2]
@@ -200,7 +200,7 @@ def test_finetune_flow_against_the_whole_team_stack(team_stack: TeamStack, tmp_p
 
     # Round trip through the stack: the registered adapter gives the trained adapter's logits.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", team_stack.mlflow.url)
-    loaded, tokenizer = register.load_peft(f"models:/{name}/1", params, tmp_path / "download")
+    loaded, tokenizer = registry.load_peft(f"models:/{name}/1", params, tmp_path / "download")
     base = models.load_model(models.resolve(params.model))
     trained = PeftModel.from_pretrained(base, str(project / layout.ADAPTER)).eval()
     diff = (logits(loaded, tokenizer) - logits(trained, tokenizer)).abs().max().item()

@@ -27,7 +27,7 @@ import pytest
 from support import invariants
 from support.adapters import make_trained_project
 from support.servers import LossyProxy, MlflowServer
-from tasks import promote, register, tracking
+from tasks import promote, register, registry, tracking
 from tasks.errors import ModelError
 
 pytestmark = pytest.mark.integration
@@ -116,7 +116,7 @@ def test_flipped_adapter_artifact_is_refused_before_use(server, tmp_path):
     weights.write_bytes(bytes(data))
     try:
         with pytest.raises(ModelError, match="sha256"):
-            register.load_peft(f"models:/{params.register.model_name}@champion", params, tmp_path / "dl")
+            registry.load_peft(f"models:/{params.register.model_name}@champion", params, tmp_path / "dl")
         detected = invariants.check(tracking_uri=server.url, model_name=params.register.model_name).problems
         assert any("stored adapter sha256" in p for p in detected)
     finally:

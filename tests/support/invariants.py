@@ -70,7 +70,7 @@ def _check_registry(report: Report, client, tracking_uri: str, name: str, *, den
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from tasks import register
+    from tasks import registry
     from tasks.adapters import adapter_sha256
 
     try:
@@ -95,7 +95,7 @@ def _check_registry(report: Report, client, tracking_uri: str, name: str, *, den
                 uri = client.get_model_version_download_uri(name, v.version)
                 local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp,
                                                                  tracking_uri=tracking_uri))
-                stored = adapter_sha256(register.artifact_adapter_dir(local))
+                stored = adapter_sha256(registry.artifact_adapter_dir(local))
             if stored != v.tags["adapter.sha256"]:
                 report.problems.append(f"version {v.version}: stored adapter sha256 {stored} != tag "
                                        f"{v.tags['adapter.sha256']}")

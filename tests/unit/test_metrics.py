@@ -64,3 +64,10 @@ def test_perplexity():
     assert metrics.perplexity(1e6) == math.inf
     assert math.isnan(metrics.perplexity(math.nan))
     assert isinstance(metrics.confusion_matrix([0], [0], 1), np.ndarray)
+
+
+def test_the_metric_vocabulary_params_are_checked_against_is_what_tables_compute():
+    from tasks import metrics
+
+    assert set(metrics.METRIC_NAMES) == {*metrics.PREDICTORS, "f1_macro", "loss", "perplexity",
+                                         *metrics.GENERATIVE, "length_ratio"}
