@@ -230,3 +230,33 @@ def test_chat_format_is_judged_by_what_it_generates(tmp_path: Path):
     for r in table:  # each per-row score is the metric of that row's output and reference
         assert float(r["adapter.rouge_l"]) == pytest.approx(textmetrics.rouge_l(r["adapter_output"], r["reference"]))
     assert report["lift"]["rouge_l"] == pytest.approx(report["adapter"]["rouge_l"] - report["base"]["rouge_l"])
+
+
+def test_instruction_with_a_response_column_is_judged_by_what_it_generates(tmp_path: Path):
+    """`instruction` + `response_field` is generative too: every scored row generates from its
+    prompt (the training row's tokens before the response) and is scored against the response."""
+    make_project(tmp_path / "gen", {"preprocess": {"format": "instruction", "text_fields": ["question"],
+                                                   "prompt_template": "{question}", "label_field": None,
+                                                   "labels": {}, "response_field": "answer",
+                                                   "split": {"group_by": None, "validation": 0.1, "test": 0.3}},
+                                    "evaluate": {"max_new_tokens": 4, "max_samples": 8, "generation_samples": 0}})
+    root = tmp_path / "gen"
+    rows = [{"question": f"Spell {w} backwards.", "answer": w[::-1]} for w in
+            ["cat", "dog", "bird", "fish", "lion", "bear", "wolf", "frog", "duck", "goat", "mole", "seal"] * 2]
+    rows = [{**r, "question": f"{r['question']} ({k})"} for k, r in enumerate(rows)]
+    (root / layout.RAW_DATA).parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_parquet(root / layout.RAW_DATA)
+    params = load_params(root / "params.yaml")
+    preprocess.run(params)
+    make_adapter(params)
+    report = json.loads(json.dumps(evaluate.run(params).__dict__))
+    saved = json.loads((root / layout.report("evaluate")).read_text())
+    n_test = len(processed.read_split(root, "test"))
+    assert saved["n_generated"] == saved["n_samples"] == min(8, n_test) > 0  # every row, whatever generation_samples says
+    for which in ("base", "adapter"):
+        assert {"token_f1", "rouge_l", "chrf", "embedding_similarity", "length_ratio"} <= set(
+            k for k, v in report[which].items() if v is not None)
+    with open(root / layout.PREDICTIONS, newline="") as f:
+        table = list(csv.DictReader(f))
+    test = processed.read_split(root, "test")
+    assert [r["reference"] for r in table] == [test["target"][int(r["row"])] for r in table]
