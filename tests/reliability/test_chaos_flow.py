@@ -23,7 +23,7 @@ import pytest
 from conftest import REPO
 from support import invariants
 from support.projects import dvc_status, small_project
-from tasks import gate, layout, register, tracking
+from tasks import gate, judge, layout, predictions, processed, register, tracking
 from tasks.config import load_params
 
 pytestmark = pytest.mark.integration
@@ -90,9 +90,10 @@ def test_flow_killed_at_every_stage_boundary_ends_like_an_uninterrupted_run(tmp_
     params = load_params(project / "params.yaml")
     adapter_sha = tracking.read_report(params, "train")["adapter_sha256"]
     token = register.pipeline_token(params.sha256, tracking.read_report(params, "ingest")["md5"], adapter_sha)
-    evaluation, cfg = tracking.read_report(params, "evaluate"), params.register
-    promoted = gate.decide(evaluation["adapter"], None, evaluation["base"], cfg.primary_metric, cfg.min_delta,
-                           dict(cfg.guards)).promote  # the first gate decision, against no champion
+    cfg = params.register
+    _, base, candidate = predictions.read(project / layout.PREDICTIONS)  # the first gate decision: no champion
+    primary, guards, reference = judge.comparisons(params, candidate, base, None, max(len(processed.label_names(project)), 1))
+    promoted = gate.decide(primary, guards, reference, cfg.min_delta, dict(cfg.guards)).promote
     assert registry_state(project) == {
         "versions": [("1", token, adapter_sha, str(promoted).lower())],
         "aliases": {"challenger": "1", **({"champion": "1"} if promoted else {})}}
