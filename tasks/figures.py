@@ -28,9 +28,6 @@ class Figure:
     low: float | None  # None when the interval is undefined (e.g. fewer than 2 rows)
     high: float | None
 
-    def as_dict(self) -> dict:
-        return {"value": self.value, "low": self.low, "high": self.high}
-
 
 def _n_rows(cols: dict[str, np.ndarray]) -> int:
     return len(next(iter(cols.values())))

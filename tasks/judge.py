@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks import evalset, figures, models
+from tasks import evalset, figures, metrics, models
 from tasks.adapters import attach_adapter, check_adapter
 from tasks.config import Params
 from tasks.errors import DataError
@@ -39,8 +39,6 @@ def champion_rows(params: Params, adapter_dir: Path, rows: list[int]) -> dict[st
 
 
 def _comparison(params: Params, metric: str, candidate, reference, n_classes: int) -> Comparison | None:
-    from tasks import metrics
-
     diff = figures.difference(candidate, reference, metric, n_classes, params.evaluate.bootstrap)
     if diff is None:
         cand = metrics.table_metric(metric, candidate, n_classes)
