@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     cli.apply_env_defaults()  # before the stage's libraries read the environment
-    from tasks.config import load_params, params_reference
+    from tasks.config import load_params
+    from tasks.params_doc import params_reference
 
     if args.stage == "params-doc":
         sys.stdout.write(params_reference())

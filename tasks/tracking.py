@@ -35,7 +35,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from tasks import layout, lineage
-from tasks.config import Params, flatten
+from tasks.config import Params
+from tasks.params_doc import flatten
 from tasks.errors import PeftflowError
 
 ENV_RUN_ID = "PEFTFLOW_MLFLOW_RUN_ID"  # set by the flow so stages log into its run

@@ -10,8 +10,9 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from tasks.config import Params, Section, load_params, params_reference, parse_params
+from tasks.config import Params, Section, load_params, parse_params
 from tasks.errors import ConfigError
+from tasks.params_doc import params_reference
 
 REPO = Path(__file__).resolve().parents[2]
 
