@@ -139,6 +139,9 @@ class RegisterConfig(Section):
         description="How long register waits for an unreachable tracking server to come back before failing "
         "(the trained outputs stay on disk either way).",
     )
+    cost_per_device_hour: float | None = Field(
+        None, ge=0, description="Price of one device-hour (any currency): each version gets the tag "
+        "`peftflow.cost` = train device-hours x this (null = no cost recorded; device-hours are always).")
 
     @field_validator("primary_metric")
     @classmethod

@@ -9,6 +9,7 @@ are model validators whose message names the keys. `tasks/config.py` assembles t
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -31,6 +32,9 @@ class SplitConfig(Section):
         "movie_name", description="Column whose values never straddle splits (null = split rows independently)."
     )
     seed: int = Field(42, ge=0, description="Seed of the split.")
+    stratify: bool = Field(
+        True, description="Keep each label's share of rows alike across splits (rows with labels: classification, "
+        "instruction with `labels`; others split as if false); by groups when group_by is set.")
 
 
 ChatRole = Literal["system", "user", "assistant", "tool"]
@@ -173,8 +177,11 @@ class TrainConfig(Section):
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
         "cosine", description="Schedule after warm-up."
     )
-    warmup_steps: float = Field(0.1, ge=0, description="Warm-up: steps, or a fraction of max_steps if < 1.")
-    max_steps: int = Field(100, ge=1, description="Optimizer steps to train.")
+    warmup_steps: float = Field(0.1, ge=0, description="Warm-up: steps, or a fraction of the training steps if < 1.")
+    max_steps: int | None = Field(100, ge=1, description="Optimizer steps to train (null: train `epochs` instead).")
+    epochs: float | None = Field(
+        None, gt=0, le=10000, description="Passes over the train split (HF `num_train_epochs`); exclusive with "
+        "max_steps: set max_steps to null to use it.")
     global_batch_size: int = Field(16, ge=1, description="Examples per optimizer step (all devices).")
     micro_batch_size: int = Field(8, ge=1, description="Examples per forward pass; accumulation is derived.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
@@ -203,6 +210,30 @@ class TrainConfig(Section):
         if v != "auto" and v < 1:
             raise ValueError("must be at least 1, or auto")
         return v
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainConfig:
+        if self.epochs is not None and self.max_steps is not None:
+            raise ValueError(f"train.epochs ({self.epochs:g}) and train.max_steps ({self.max_steps}) are both set; "
+                             "keep one and set the other to null")
+        if self.epochs is None and self.max_steps is None:
+            raise ValueError("train.epochs and train.max_steps are both null; set one of them")
+        return self
+
+    @property
+    def length(self) -> str:
+        """How long training runs, for people: "100 steps" or "3 epochs"."""
+        return f"{self.max_steps} steps" if self.max_steps is not None else f"{self.epochs:g} epochs"
+
+    def optimizer_steps(self, rows: int, world: int = 1) -> int:
+        """Optimizer steps training takes over `rows` train rows on `world` processes: max_steps, or
+        what the HF Trainer derives from `epochs` (each rank's share of the rows in micro-batches,
+        grouped by gradient accumulation, the last group possibly short)."""
+        if self.max_steps is not None:
+            return self.max_steps
+        batches = math.ceil(math.ceil(rows / world) / self.micro_batch_size)
+        accumulation = self.gradient_accumulation_steps(world)
+        return math.ceil(self.epochs * max(1, math.ceil(batches / accumulation)))
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainConfig:

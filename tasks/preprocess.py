@@ -23,10 +23,10 @@ Rules, in order:
 4. `max_samples` keeps a seeded random subset of what is left (original order kept). `chat` rows
    are then tokenised; a row whose final exchange cannot fit in `max_length` is dropped (`too_long`),
    so split fractions count the rows actually written.
-5. Split by `split.group_by` (missing values: each row its own group): the sorted distinct
-   groups are shuffled with `split.seed`, then test, then validation take groups until they hold
-   their fraction of rows; the rest is train. Same rows + same seed = same split, whatever the
-   row order.
+5. Split (tasks/splits.py) by `split.group_by` (missing values: each row its own group; a group
+   never straddles splits), with each label's share of rows balanced across splits when
+   `split.stratify` is on and the rows carry labels (scikit-learn; seeded). Same rows + same seed
+   = same split; with groups, whatever the row order.
 6. Formats: `instruction` renders `prompt_template` (wrapped in the tokenizer's chat template when
    `chat_template` is true and the tokenizer has one) and the response (label name, or
    `response_field`); `encode_pair` tokenises both. `text` trains on the rendered template text
@@ -44,13 +44,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks import atomic, chat, layout
+from tasks import atomic, chat, layout, splits
 from tasks.config import Params, PreprocessConfig
 from tasks.encoding import batch_token_ids, end_of_turn, join_pair, label_reserve, with_bos
 from tasks.errors import ConfigError, DataError
-
-SPLITS = ("train", "validation", "test")
-
 
 @dataclass(frozen=True)
 class PreprocessResult:
@@ -109,9 +106,10 @@ def run(params: Params) -> PreprocessResult:
         if not rows:
             raise DataError(f"no conversation fits in preprocess.max_length {cfg.max_length} tokens "
                             f"(dropped: {dropped}); raise max_length")
-    splits = split_rows(rows, cfg)
-    encoded = {name: encode_rows(tokenizer, cfg, part) for name, part in splits.items()}
+    parts, stratified = splits.split_rows(rows, cfg.split, labelled=_uses_labels(cfg))
+    encoded = {name: encode_rows(tokenizer, cfg, part) for name, part in parts.items()}
     report = _report(encoded, label_names, dropped, cfg, params.model.base, chat_stats)
+    report["split"]["stratified"] = stratified
 
     with atomic.directory(root / layout.PROCESSED) as tmp:
         _dataset_dict(encoded, cfg.format).save_to_disk(str(tmp))
@@ -252,41 +250,6 @@ def prepare_rows(df, cfg: PreprocessConfig) -> tuple[list[dict], list[str], dict
         keep = np.sort(np.random.default_rng(cfg.split.seed).permutation(len(rows))[: cfg.max_samples])
         rows = [rows[i] for i in keep]
     return rows, names, dropped
-
-
-# --- split ------------------------------------------------------------------------------------------
-
-def split_rows(rows: list[dict], cfg: PreprocessConfig) -> dict[str, list[dict]]:
-    """Deterministic grouped split (rule 5). Raises DataError when a needed split would be empty."""
-    import numpy as np
-
-    sizes: dict[str, int] = {}
-    for r in rows:
-        sizes[r["group"]] = sizes.get(r["group"], 0) + 1
-    groups = sorted(sizes)
-    order = np.random.default_rng(cfg.split.seed).permutation(len(groups))
-    n = len(rows)
-    targets = {"test": max(1, round(cfg.split.test * n)),
-               "validation": max(1, round(cfg.split.validation * n)) if cfg.split.validation > 0 else 0}
-    where: dict[str, str] = {}
-    counts = {"test": 0, "validation": 0}
-    for i in order:
-        g = groups[i]
-        name = next((s for s in ("test", "validation") if counts[s] < targets[s]), "train")
-        where[g] = name
-        if name != "train":
-            counts[name] += sizes[g]
-    out: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    for r in rows:
-        out[where[r["group"]]].append(r)
-    needed = [s for s in SPLITS if not out[s] and (s != "validation" or targets["validation"])]
-    if needed:
-        raise DataError(
-            f"{n} rows in {len(groups)} group(s) are too few to fill split(s) {', '.join(needed)}; "
-            f"use more data (preprocess.max_samples), smaller preprocess.split fractions, or "
-            f"preprocess.split.group_by: null"
-        )
-    return out
 
 
 # --- formatting and tokenisation --------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from datasets import load_from_disk
 
-from tasks import encoding, ingest, layout, models, preprocess
+from tasks import encoding, ingest, layout, models, preprocess, splits
 from tasks.config import parse_params
 from tasks.errors import ConfigError, DataError
 
@@ -103,7 +103,8 @@ def test_classification_has_class_ids_and_no_lm_labels(tok):
 def split_texts(df, **split):
     cfg = params(split={"validation": 0.2, "test": 0.2, **split}).preprocess
     rows, _, _ = preprocess.prepare_rows(df, cfg)
-    return {name: [r["fields"]["text"] for r in part] for name, part in preprocess.split_rows(rows, cfg).items()}
+    parts, _ = splits.split_rows(rows, cfg.split, labelled=True)
+    return {name: [r["fields"]["text"] for r in part] for name, part in parts.items()}
 
 
 def test_splits_are_disjoint_complete_and_reproducible():
@@ -133,6 +134,50 @@ def test_no_group_by_splits_rows():
         split_texts(df)
     parts = split_texts(df, group_by=None)
     assert all(parts.values())
+
+
+def imbalanced(group_size=None) -> pd.DataFrame:
+    """600 rows over 8 labels of very different sizes (200 down to 10), the issue's case; with
+    `group_size`, runs of that many rows of one label share a movie."""
+    counts = [200, 150, 100, 60, 40, 25, 15, 10]
+    cats = [f"c{k}" for k, c in enumerate(counts) for _ in range(c)]
+    movies = [f"m{i // group_size}" for i in range(len(cats))] if group_size else [None] * len(cats)
+    return pd.DataFrame({"category": cats, "text": [f"row {i}" for i in range(len(cats))], "movie_name": movies})
+
+
+@pytest.mark.parametrize("group_size", [None, 2])
+def test_stratified_split_keeps_each_label_share_in_every_split(group_size):
+    df = imbalanced(group_size)
+    cfg = params(labels={f"c{k}": f"label{k}" for k in range(8)},
+                 split={"validation": 0.1, "test": 0.1, "group_by": "movie_name" if group_size else None}).preprocess
+    rows, _, _ = preprocess.prepare_rows(df, cfg)
+    parts, stratified = splits.split_rows(rows, cfg.split, labelled=True)
+    assert stratified
+    share = df.category.value_counts(normalize=True)
+    for name in ("validation", "test"):
+        part = pd.Series([r["label"] for r in parts[name]])
+        # whole groups of 2 rows: the rarest label (5 groups) cannot be in all three splits
+        assert part.nunique() >= (7 if group_size else 8), f"{name} holds {part.nunique()} of the 8 labels"
+        got = part.value_counts(normalize=True)
+        big = [k for k in range(8) if share[f"c{k}"] >= (0.08 if group_size else 0)]
+        assert all(abs(got[k] - share[f"c{k}"]) < 0.03 for k in big), (name, got.to_dict())
+        assert abs(len(parts[name]) - 60) <= 5
+    groups = [{r["group"] for r in part} for part in parts.values()]
+    assert all(len(groups[i] & groups[j]) == 0 for i in range(3) for j in range(i + 1, 3))  # still group-aware
+    assert splits.split_rows(rows, cfg.split, labelled=True) == (parts, True)
+    other, _ = splits.split_rows(rows, cfg.split.model_copy(update={"seed": 7}), labelled=True)
+    assert other["test"] != parts["test"]
+
+
+def test_stratify_off_or_too_small_falls_back_to_the_group_split():
+    df = imbalanced()
+    cfg = params(labels={f"c{k}": f"label{k}" for k in range(8)},
+                 split={"group_by": None, "stratify": False}).preprocess
+    rows, _, _ = preprocess.prepare_rows(df, cfg)
+    assert splits.split_rows(rows, cfg.split, labelled=True)[1] is False
+    tiny = [{**r, "label": i % 5} for i, r in enumerate(rows[:7])]  # five labels, test of one row: cannot stratify
+    parts, stratified = splits.split_rows(tiny, cfg.split.model_copy(update={"stratify": True}), labelled=True)
+    assert not stratified and sum(map(len, parts.values())) == 7
 
 
 # --- bad input ------------------------------------------------------------------------------------------
