@@ -38,6 +38,7 @@ from tasks.config import Params  # noqa: E402
 
 def build_summary(params: Params, data, outcomes: dict[str, stages.StageOutcome], reg) -> summary.RunSummary:
     evaluation = outcomes["evaluate"].report
+    hours = outcomes["train"].report.get("device_hours")
     return summary.RunSummary(
         project=str(params.root),
         data_md5=data.md5,
@@ -47,6 +48,8 @@ def build_summary(params: Params, data, outcomes: dict[str, stages.StageOutcome]
         adapter_metrics=dict(evaluation.get("adapter") or {}),
         intervals=dict(evaluation.get("intervals") or {}),
         n_rows=int(evaluation.get("n_samples") or 0),
+        device_hours=hours,
+        cost=params.register.cost(hours),
         **stages.registration_fields(params, reg),
     )
 

@@ -139,7 +139,7 @@ def _dvc_task(stage: str, run_name: str, timeout_h: float, retries: int):
 
 preprocess = _dvc_task("preprocess", "preprocess · {params.preprocess.format}", timeout_h=2, retries=0)
 # A retry resumes from the newest verified checkpoint of the same fingerprint.
-train = _dvc_task("train", "train · {params.train.peft.method} · {params.train.max_steps} steps", timeout_h=48,
+train = _dvc_task("train", "train · {params.train.peft.method} · {params.train.length}", timeout_h=48,
                   retries=1)
 evaluate = _dvc_task("evaluate", "evaluate · {params.model.base}", timeout_h=6, retries=0)
 merge = _dvc_task("merge", "merge · dtype {params.merge.dtype}", timeout_h=6, retries=0)

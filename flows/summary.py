@@ -43,6 +43,8 @@ class RunSummary:
     gate: str = ""  # the gate's one-line reason
     run_url: str | None = None  # MLflow run link
     registered_new: bool = False
+    device_hours: float | None = None  # train stage wall time x devices (the version's peftflow.device_hours)
+    cost: float | None = None  # device_hours x register.cost_per_device_hour (peftflow.cost); None: no rate
 
     @property
     def lift(self) -> dict[str, float]:
@@ -78,6 +80,10 @@ def _metric_title(s: RunSummary) -> str:
     return f"metrics on {s.n_rows} test rows, [95% bootstrap interval]" if s.n_rows else "metrics"
 
 
+def _cost(s: RunSummary) -> str:
+    return f"{s.device_hours:.4g} device-hours" + (f", cost {s.cost:.4g}" if s.cost is not None else "")
+
+
 def markdown(s: RunSummary) -> str:
     lines = [f"# peftflow finetune: `{s.model_name}` version {s.version or '–'}", ""]
     if s.version:
@@ -90,6 +96,8 @@ def markdown(s: RunSummary) -> str:
     lines += [f"| {' | '.join(row)} |" for row in _metric_rows(s)]
     lines += ["", "| stage | this run |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in s.stages.items()]
+    if s.device_hours is not None:
+        lines += ["", f"Training: {_cost(s)}"]
     lines += ["", "Next: " + ", ".join(f"`{cmd}`" for cmd, _ in NEXT_STEPS)]
     return "\n".join(lines) + "\n"
 
@@ -134,6 +142,8 @@ def print_table(s: RunSummary, console=None) -> None:
         facts.add_row("MLflow run", s.run_url)
     facts.add_row("data", f"md5 {s.data_md5}, {s.data_rows} rows")
     facts.add_row("stages", ", ".join(f"{k} {v}" for k, v in s.stages.items()))
+    if s.device_hours is not None:
+        facts.add_row("training", _cost(s))
     console.print(facts)
 
     steps = Table(title="next", show_header=False, box=None)

@@ -164,6 +164,12 @@ class RegisterConfig(Section):
             )
         return v
 
+    def cost(self, device_hours: float | None) -> float | None:
+        """What `device_hours` of training cost at `cost_per_device_hour` (None when either is unknown)."""
+        if device_hours is None or self.cost_per_device_hour is None:
+            return None
+        return device_hours * self.cost_per_device_hour
+
 
 # `register` is a stage name; pydantic warns that it shadows ABCMeta.register, which instances never use.
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)

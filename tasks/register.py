@@ -147,6 +147,13 @@ def _version_tags(params: Params, token: str, adapter_sha: str, lineage: dict, e
             tags[f"metric.{section}.{k}"] = repr(v)
     if evaluation.get("fingerprint"):
         tags[TAG_EVAL_FINGERPRINT] = evaluation["fingerprint"]
+    hours = _require(params, "train").get("device_hours")  # absent in reports of older runs
+    if hours is not None:
+        tags["peftflow.device_hours"] = f"{hours:.6g}"
+        if params.register.cost(hours) is not None:
+            tags["peftflow.cost"] = f"{params.register.cost(hours):.6g}"
+    # The run's exact state on a git ref, and whether teammates can get it (flags, never silent).
+    tags.update(sharing.record_for_version(params.root, params.register.model_name, token))
     return tags
 
 

@@ -50,7 +50,7 @@ class PeftflowTrainer(Trainer):
         if not torch.isfinite(loss).all():
             raise TrainingError(
                 f"non-finite loss ({loss.float().item()}) at step {self.state.global_step + 1} of "
-                f"{self.args.max_steps} (train.learning_rate = {self.args.learning_rate}); lower the learning "
+                f"{self.state.max_steps} (train.learning_rate = {self.args.learning_rate}); lower the learning "
                 f"rate, or check the data (a batch whose labels are all -100, e.g. responses cut off by "
                 f"preprocess.max_length, has no loss). No adapter was written."
             )

@@ -121,3 +121,21 @@ def test_fast_path_switches_short_form_and_unknown_switch(tmp_path):
     base["train"]["fast_path"] = {"ligr": False}
     with pytest.raises(ConfigError, match=r"train\.fast_path\.ligr: unknown key"):
         parse_params(base)
+
+
+def test_epochs_and_max_steps_are_exclusive_and_epochs_become_the_trainers_steps():
+    msg = error_of({"train": {"epochs": 3, "max_steps": 100}})
+    assert "train.epochs (3) and train.max_steps (100) are both set" in msg and "set the other to null" in msg
+    assert "both null" in error_of({"train": {"max_steps": None}})
+    cfg = parse_params({"train": {"max_steps": None, "epochs": 2, "global_batch_size": 4, "micro_batch_size": 2}}).train
+    # 17 rows in passes of 2 = 9 passes; 2 passes a step, the last step short: 5 steps an epoch
+    assert cfg.optimizer_steps(17) == 10 and cfg.length == "2 epochs"
+    assert cfg.optimizer_steps(17, world=2) == 10  # 9 rows per process: 5 passes of 2, one pass a step
+    assert parse_params({}).train.optimizer_steps(17) == 100 and parse_params({}).train.length == "100 steps"
+
+
+def test_cost_is_device_hours_times_the_rate_and_absent_without_a_rate():
+    assert parse_params({}).register.cost(2.0) is None
+    assert parse_params({"register": {"cost_per_device_hour": 2.5}}).register.cost(0.5) == 1.25
+    assert "cost_per_device_hour" in error_of({"register": {"cost_per_device_hour": -1}})
+    assert parse_params({}).preprocess.split.stratify is True
