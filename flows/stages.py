@@ -41,7 +41,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from flows import runtime
-from tasks import layout, project, promote, tracking, versioning
+from tasks import layout, model_checks, project, promote, tracking, versioning
 from tasks.config import Params, load_params
 from tasks.errors import ConfigError, PeftflowError
 
@@ -95,6 +95,7 @@ def load_config(path: str) -> Params:
                           f"`python -m tasks.project new <folder> --from {path}`")
     # The DVC stages must run this process's code, the one the project's dvc.yaml names (tasks/project.py).
     project.check(params.root)
+    model_checks.check(params)  # settings that do not fit the base model fail before ingest, with the value to set
     get_run_logger().info("params %s (sha256 %s…), base model %s", path, params.sha256[:12], params.model.base)
     return params
 

@@ -23,6 +23,7 @@ STAGES = {
     "merge": "merge the adapter into the base weights into models/merged/ with a parity check",
     "register": "log the run to MLflow and register the adapter as a model version",
 }
+MODEL_STAGES = ("preprocess", "train", "evaluate", "merge")  # the stages that load the base model
 
 
 @cli.main_guard
@@ -47,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with cli.stage_outputs(args.stage):
         params = load_params(args.params)
+        if args.stage in MODEL_STAGES:  # settings that do not fit the model fail here, naming the value to set
+            from tasks import model_checks
+
+            model_checks.check(params)
         result = importlib.import_module(f"tasks.{args.stage}").run(params)
     if is_dataclass(result) and "WORLD_SIZE" not in os.environ:  # a training worker: its launcher prints
         print(json.dumps(asdict(result), indent=2, default=str))
