@@ -143,6 +143,7 @@ class Plan:
     world: int
     fingerprint: str  # hash of every input of training: names checkpoints/<fingerprint>/
     run_dir: Path  # checkpoints/<fingerprint>/
+    steps: int  # optimizer steps: train.max_steps, or what train.epochs come to over `data`
 
     @property
     def classification(self) -> bool:
@@ -186,7 +187,7 @@ def fit(params: Params):
     resume = housekeeping(params, plan)
     model, tokenizer, initial = build_model(params, plan)
     trainer, model = make_trainer(params, plan, model, tokenizer)  # its arguments: training_arguments()
-    trained = trainers.train_or_restore(trainer, model, resume, params.train.max_steps)
+    trained = trainers.train_or_restore(trainer, model, resume, plan.steps)
     if plan.rank != 0:  # the trained weights are identical on every rank; rank 0 writes them
         return None, model
     report = write_outputs(params, plan, model, tokenizer, initial, trained, started)
@@ -232,7 +233,7 @@ def make_plan(params: Params) -> Plan:
         "dtype": dtype_name,
     })
     return Plan(device, dtype_name, base, data, label_names, rank, world, fp,
-                params.root / layout.CHECKPOINTS / fp)
+                params.root / layout.CHECKPOINTS / fp, cfg.optimizer_steps(len(data["train"]), world))
 
 
 def housekeeping(params: Params, plan: Plan) -> Path | None:
@@ -273,7 +274,7 @@ def build_model(params: Params, plan: Plan):
         model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.peft.quantize_4bit:
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    peft_config = peft_methods.build(cfg.peft, task_type=plan.task_type, max_steps=cfg.max_steps,
+    peft_config = peft_methods.build(cfg.peft, task_type=plan.task_type, max_steps=plan.steps,
                                      num_layers=getattr(model.config, "num_hidden_layers", None))
     try:
         model = peft.get_peft_model(model, peft_config)
@@ -301,7 +302,8 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, *, device: str, dtype
     Raises ConfigError when the global batch does not split over `world` processes."""
     own = dict(
         output_dir=str(output_dir),
-        max_steps=cfg.max_steps,
+        max_steps=cfg.max_steps if cfg.max_steps is not None else -1,  # -1: num_train_epochs decides
+        num_train_epochs=cfg.epochs if cfg.epochs is not None else 1.0,  # ignored when max_steps is set
         per_device_train_batch_size=cfg.micro_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps(world),
         learning_rate=cfg.learning_rate,
@@ -385,6 +387,8 @@ def write_outputs(params: Params, plan: Plan, model, tokenizer, initial: Path | 
         "trainable_params": int(trainable),
         "total_params": int(total),
         "wall_seconds": wall,
+        "devices": plan.world,
+        "device_hours": wall * plan.world / 3600,  # what a cost per device-hour is charged on
         # training loop only (no model load), over the steps this process ran
         "seconds_per_step": trained.loop_seconds / max(1, state.global_step - (trained.resumed_from_step or 0)),
         "peak_memory_bytes": peak,

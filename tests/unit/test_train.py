@@ -164,6 +164,21 @@ def test_training_arguments_come_from_params_alone_and_build_real_training_argum
     assert args.report_to == []  # "none": no integration logs anywhere
 
 
+def test_epochs_train_the_steps_the_trainer_derives_and_the_report_has_device_hours(tmp_path):
+    params = load_params(tiny_project(tmp_path / "p", {"max_steps": None, "epochs": 1.5, "save_steps": 100}))
+    from datasets import load_from_disk
+
+    rows = len(load_from_disk(str(params.root / layout.PROCESSED))["train"])
+    # 16 rows, 2 per pass, 2 passes per optimizer step: 4 steps an epoch, 1.5 epochs = 6 steps
+    assert rows == 16 and params.train.optimizer_steps(rows) == 6
+    args = train.training_arguments(params.train, tmp_path, device="cpu", dtype_name="fp32", world=1)
+    assert (args["max_steps"], args["num_train_epochs"]) == (-1, 1.5)
+    result = train.run(params)
+    report = json.loads((params.root / layout.report("train")).read_text())
+    assert result.steps == report["steps"] == 6
+    assert report["devices"] == 1 and report["device_hours"] == pytest.approx(report["wall_seconds"] / 3600)
+
+
 def test_training_arguments_refuse_a_global_batch_that_does_not_split_over_the_processes(tmp_path):
     from tasks.config import TrainConfig
     from tasks.errors import ConfigError
