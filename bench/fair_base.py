@@ -28,7 +28,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tasks import encoding, evalset, ingest, metrics, models, preprocess, scoring  # noqa: E402
+from tasks import devices, encoding, evalset, ingest, metrics, models, preprocess, scoring  # noqa: E402
 from tasks.config import load_params  # noqa: E402
 
 TOPICS = {"trivia": "trivia", "ai": "artificial intelligence", "coding": "programming", "psychology": "psychology",
@@ -69,7 +69,7 @@ def fairness() -> None:
             base = models.resolve(params.model)
             tok = models.load_tokenizer(base)
             es = evalset.build(params, tok)
-            device, dtype = evalset.device_and_dtype(params)
+            device, dtype = devices.torch_placement(params.train)
             model = evalset.load_scoring_model(params, base, es.label_names, device, dtype)
             cols = evalset.measure(model, es, params, tok, device, "base").cols
             k = len(es.label_names)

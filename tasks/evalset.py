@@ -1,12 +1,12 @@
 """What evaluation scores, and one model's per-row scores on it.
 
 Contract:
-- `build(params, tokenizer) -> EvalSet`: the selected test rows of `data/processed/` (a seeded
+- `build(params, tokenizer, split="test") -> EvalSet`: the selected rows of `data/processed/<split>` (a seeded
   subset of `evaluate.max_samples`), tokenised once, the same way for every model scored on
   them: base, candidate adapter and (at the gate) the champion. Label names are scored with
   `encoding.encode_pair` exactly as training tokenised them.
-- `device_and_dtype(params)`, `load_scoring_model(params, base, label_names, device, dtype)`: where
-  and how every model is scored (as training ran: `train.device` / `train.precision`).
+- `load_scoring_model(params, base, label_names, device, dtype)`: how every model is scored; where
+  (`device`, `dtype`) comes from `devices.torch_placement(params.train)`, as training ran.
 - `measure(model, es, params, tokenizer, device, which) -> Measured`: the per-row table of one
   model (columns described in tasks/metrics.py) and its generated text per row. One code path
   for every model, so their figures are comparable row by row.
@@ -29,7 +29,7 @@ import numpy as np
 
 from tasks import encoding, models, processed, scoring
 from tasks.config import Params
-from tasks.errors import ConfigError, DataError
+from tasks.errors import DataError
 
 CONTENT_FREE = ("N/A", "")  # content-free inputs for calibration (Zhao et al. use "N/A", "", "[MASK]")
 
@@ -101,22 +101,22 @@ def _majority(root, label_names: list[str]) -> int:
     return label_names.index(max(counts, key=lambda k: (counts[k], -label_names.index(k)))) if counts else -1
 
 
-def build(params: Params, tokenizer) -> EvalSet:
+def build(params: Params, tokenizer, split: str = "test") -> EvalSet:
     cfg, pre = params.evaluate, params.preprocess
     causal = pre.format != "classification"
     names = processed.label_names(params.root)
-    test = processed.read_split(params.root, "test", {"input_ids", "prompt", "target", "label"}
+    test = processed.read_split(params.root, split, {"input_ids", "prompt", "target", "label"}
                                 | ({"labels"} if causal else set()))
     rows = select_rows(len(test), cfg.max_samples, pre.split.seed)
     sub = test.select(rows)
     labels = np.array([int(x) for x in sub["label"]], dtype=np.int64)
     bad = sorted({int(x) for x in labels if not -1 <= x < len(names)})
     if bad:
-        raise DataError(f"data/processed/test has label ids {bad} outside label_names {names}; re-run preprocess")
+        raise DataError(f"data/processed/{split} has label ids {bad} outside label_names {names}; re-run preprocess")
     input_ids = [list(x) for x in sub["input_ids"]]
     seq_labels = [list(x) for x in sub["labels"]] if causal else [[] for _ in input_ids]
     if causal and any(len(i) != len(lab) for i, lab in zip(input_ids, seq_labels)):
-        raise DataError("data/processed/test has rows whose input_ids and labels differ in length; re-run preprocess")
+        raise DataError(f"data/processed/{split} has rows whose input_ids and labels differ in length; re-run preprocess")
     es = EvalSet(rows=rows, prompts=list(sub["prompt"]), targets=list(sub["target"]), labels=labels,
                  label_names=names, majority=_majority(params.root, names) if names else -1,
                  sequences=list(zip(input_ids, seq_labels)), generative=is_generative(params))
@@ -168,20 +168,6 @@ def _class_input(tokenizer, params: Params, text: str) -> list[int]:
 
 
 # ---------------------------------------------------------------- one model's per-row scores
-
-
-def device_and_dtype(params: Params):
-    """`train.device` / `train.precision`, resolved as training resolves them (auto: CUDA in bf16
-    when present, else CPU in fp32)."""
-    import torch
-
-    cfg = params.train
-    cuda = torch.cuda.is_available()
-    if cfg.device == "cuda" and not cuda:
-        raise ConfigError("train.device = 'cuda' but no CUDA GPU is visible; set train.device: auto or cpu")
-    device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and cuda) else "cpu"
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
-    return torch.device(device), torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def load_scoring_model(params: Params, base: models.BaseModel, label_names: list[str], device, dtype):

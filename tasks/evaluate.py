@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks import atomic, evalset, figures, layout, metrics, models, predictions
+from tasks import atomic, devices, evalset, figures, layout, metrics, models, predictions
 from tasks.adapters import attach_adapter, check_adapter
 from tasks.config import Params
 from tasks.errors import DataError
@@ -102,18 +102,19 @@ def _confusion_png(path: Path, es: evalset.EvalSet, predicted, label_names: list
     atomic.write_bytes(path, buf.getvalue())
 
 
-def run(params: Params) -> EvaluateResult:
-    """Evaluate base and base + adapter on the test split; write the report, table and plot."""
+def run(params: Params, split: str = "test") -> EvaluateResult:
+    """Evaluate base and base + adapter on the test split (a sweep trial: `split="validation"`, so
+    selection never sees the test rows); write the report, table and plot."""
     root = params.root
     adapter_dir = root / layout.ADAPTER
     base = models.resolve(params.model)
     peft_config = check_adapter(adapter_dir, base)  # fail before any scoring
     tokenizer = models.load_tokenizer(base, trust_remote_code=params.model.trust_remote_code)
-    es = evalset.build(params, tokenizer)
+    es = evalset.build(params, tokenizer, split)
     if params.preprocess.format == "classification" and len(es.label_names) < 2:
         raise DataError(f"{root / layout.report('preprocess')} lists {len(es.label_names)} label names; "
                         "classification needs at least two; re-run preprocess")
-    device, dtype = evalset.device_and_dtype(params)
+    device, dtype = devices.torch_placement(params.train)
     model = evalset.load_scoring_model(params, base, es.label_names, device, dtype)
     base_scores = evalset.measure(model, es, params, tokenizer, device, "base")
     model = attach_adapter(model, adapter_dir, base).to(device)
@@ -126,6 +127,7 @@ def run(params: Params) -> EvaluateResult:
         "base_model": base.spec,
         "device": device.type,
         "dtype": str(dtype).removeprefix("torch."),
+        "split": split,
         "n_samples": len(es.rows),
         "fingerprint": evalset.fingerprint(es, params, base.weights_sha256),
         "n_labeled": int((es.labels >= 0).sum()),

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks import evalset, figures, metrics, models
+from tasks import devices, evalset, figures, metrics, models
 from tasks.adapters import attach_adapter, check_adapter
 from tasks.config import Params
 from tasks.errors import DataError
@@ -32,7 +32,7 @@ def champion_rows(params: Params, adapter_dir: Path, rows: list[int]) -> dict[st
     if es.rows != list(rows):
         raise DataError("reports/predictions.csv holds other test rows than data/processed selects now; "
                         "re-run `python -m tasks evaluate`")
-    device, dtype = evalset.device_and_dtype(params)
+    device, dtype = devices.torch_placement(params.train)
     model = evalset.load_scoring_model(params, base, es.label_names, device, dtype)
     model = attach_adapter(model, adapter_dir, base).to(device)
     return evalset.measure(model, es, params, tokenizer, device, "champion").cols

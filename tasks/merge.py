@@ -4,6 +4,7 @@ Reads: `models/adapter/`, the base model (`model:`), `data/processed/` (split `t
 inputs), `reports/preprocess.json` (label names, classification only), `merge:` params.
 Writes (atomically): `models/merged/` (safetensors + config + tokenizer + `MERGE.json`) and
 `reports/merge.json`.
+Raises DataError (tasks/processed.py): processed test split or label names missing.
 Raises ModelError: adapter missing, for a different base, with NaN/inf weights; `model.base` is a
 merged model that already contains this adapter; merged logits differ from base + adapter by more
 than `merge.tolerance` (then nothing is left under `models/merged/`).
@@ -18,8 +19,8 @@ Prompt learning methods (prompt tuning, prefix tuning, p-tuning) add virtual tok
 deltas, so there is nothing to merge: the stage succeeds, records the reason, and `models/merged/`
 holds only `MERGE.json` saying so (dvc.yaml names the folder as an output).
 
-`MERGE.json` records the adapter hash (weights + adapter_config.json), the base weights hash and the
-dtype. Re-running with the same adapter, base and dtype (and merged weights still intact) is a
+`MERGE.json` records the adapter hash (`adapters.adapter_sha256`: every file of the adapter folder), the
+base weights hash and the dtype. Re-running with the same adapter, base and dtype (and merged weights still intact) is a
 no-op; a `model.base` folder whose MERGE.json names this adapter is refused, since merging the
 same adapter twice would apply its update twice.
 """
@@ -31,7 +32,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks import atomic, layout, models
+from tasks import atomic, layout, models, processed
 from tasks.config import Params
 from tasks.errors import ModelError
 from tasks.adapters import adapter_sha256, attach_adapter, check_adapter, check_finite
@@ -64,29 +65,16 @@ def target_dtype(params: Params, base: models.BaseModel) -> str:
 
 
 def _label_names(params: Params) -> list[str]:
-    path = params.root / layout.report("preprocess")
-    try:
-        names = json.loads(path.read_text())["label_names"]
-    except (OSError, ValueError, KeyError) as err:
-        raise ModelError(f"{path} with label_names is needed to merge a classification adapter ({err}); "
-                         "run `python -m tasks preprocess` first") from None
+    names = processed.label_names(params.root)
     if len(names) < 2:
-        raise ModelError(f"{path} lists {len(names)} label names; a classification adapter needs at least two")
-    return list(names)
+        raise ModelError(f"{layout.report('preprocess')} lists {len(names)} label name(s); a classification "
+                         f"adapter needs at least two; {processed.REBUILD}")
+    return names
 
 
 def _parity_rows(params: Params) -> list[list[int]]:
     """input_ids of the first `merge.parity_samples` test rows (held out from training)."""
-    from datasets import load_from_disk
-
-    path = params.root / layout.PROCESSED
-    try:
-        test = load_from_disk(str(path))["test"]
-    except (OSError, ValueError, KeyError) as err:
-        raise ModelError(f"cannot read the test split of {path} for the parity check ({err}); "
-                         "run `python -m tasks preprocess` first") from None
-    if len(test) == 0:
-        raise ModelError(f"{path}/test is empty; the parity check needs held-out rows")
+    test = processed.read_split(params.root, "test", {"input_ids"})
     return [list(x) for x in test.select(range(min(params.merge.parity_samples, len(test))))["input_ids"]]
 
 
@@ -149,47 +137,25 @@ def _check_roundtrip(folder: Path, merged, base: models.BaseModel, dtype, classi
                          f"differ, e.g. {wrong[:3]}); this is a bug, please report it")
 
 
-def run(params: Params) -> MergeResult:
-    """Merge models/adapter into the base into models/merged; see the module docstring."""
+def _not_mergeable(params: Params, method: str, base: models.BaseModel, identity: dict) -> MergeResult:
+    """Prompt learning adds virtual tokens, not weight deltas: record why nothing was merged."""
+    reason = (f"{method} learns virtual-token embeddings/prefix activations, not weight deltas, so there is "
+              "nothing to merge into the base weights; serve the base with the adapter instead")
+    report = {"merged": False, "method": method, "reason": reason, "base_model": base.spec, **identity}
+    with atomic.directory(params.root / layout.MERGED) as tmp:
+        atomic.write_json(tmp / MARKER, {**identity, "merged": False, "reason": reason, "report": report})
+    report_path = params.root / layout.report("merge")
+    atomic.write_json(report_path, report)
+    return MergeResult(False, reason, False, None, None, str(layout.MERGED), str(report_path))
+
+
+def _merge_fp32(params: Params, base: models.BaseModel, adapter_dir: Path, n_labels: int | None,
+                rows: list[list[int]]):
+    """(merged model in fp32, max |logit diff| of merged vs base + adapter on `rows`)."""
     import torch
 
-    root = params.root
-    adapter_dir = root / layout.ADAPTER
-    merged_dir = root / layout.MERGED
-    report_path = root / layout.report("merge")
-    base = models.resolve(params.model)
-    _refuse_merged_base(base, adapter_dir)
-    peft_config = check_adapter(adapter_dir, base)
-    method = str(getattr(peft_config.peft_type, "value", peft_config.peft_type))
-    a_sha = adapter_sha256(adapter_dir)
-    identity = {"adapter_sha256": a_sha, "base_weights_sha256": base.weights_sha256}
-
-    if peft_config.is_prompt_learning:
-        reason = (f"{method} learns virtual-token embeddings/prefix activations, not weight deltas, so there is "
-                  "nothing to merge into the base weights; serve the base with the adapter instead")
-        report = {"merged": False, "method": method, "reason": reason, "base_model": base.spec, **identity}
-        with atomic.directory(merged_dir) as tmp:
-            atomic.write_json(tmp / MARKER, {**identity, "merged": False, "reason": reason, "report": report})
-        atomic.write_json(report_path, report)
-        return MergeResult(False, reason, False, None, None, str(layout.MERGED), str(report_path))
-
-    dtype_name = target_dtype(params, base)
-    identity["dtype"] = dtype_name
-    stored = _reusable(merged_dir, identity, params.merge.tolerance)
-    if stored is not None:
-        atomic.write_json(report_path, stored)
-        return MergeResult(True, None, True, stored["max_abs_logit_diff"], dtype_name, str(layout.MERGED),
-                           str(report_path))
-
-    check_finite(adapter_dir)
-    # The adapter says whether it sits on a class head: merge then needs neither preprocess nor evaluate params.
-    classification = str(getattr(peft_config.task_type, "value", peft_config.task_type)) == "SEQ_CLS"
-    label_names = _label_names(params) if classification else []
-    n_labels = len(label_names) if classification else None
-    rows = _parity_rows(params)
-    tokenizer = models.load_tokenizer(base, trust_remote_code=params.model.trust_remote_code)
-
-    # fp32 on CPU: a bf16 merge loses updates smaller than bf16 rounding of W (stack-facts.md).
+    # fp32 on CPU: a bf16 merge loses every update smaller than the bf16 rounding step of W
+    # (|B A| << |W|/256 for a small learning rate), so the merged model would silently be the base.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # same fresh class head as evaluate (the adapter normally replaces it)
         model = models.load_model(base, classification_labels=n_labels, dtype=torch.float32,
@@ -206,7 +172,41 @@ def run(params: Params) -> MergeResult:
     except ValueError as err:  # safe_merge found non-finite merged weights
         raise ModelError(f"merging {adapter_dir} gives non-finite weights ({err}); re-train the adapter") from None
     diff = max(float((a - b).abs().max()) for a, b in zip(reference, _logits(merged.double(), rows)))
-    merged.float()
+    return merged.float(), diff
+
+
+def run(params: Params) -> MergeResult:
+    """Merge models/adapter into the base into models/merged; see the module docstring."""
+    import torch
+
+    root = params.root
+    adapter_dir = root / layout.ADAPTER
+    merged_dir = root / layout.MERGED
+    report_path = root / layout.report("merge")
+    base = models.resolve(params.model)
+    _refuse_merged_base(base, adapter_dir)
+    peft_config = check_adapter(adapter_dir, base)
+    method = str(getattr(peft_config.peft_type, "value", peft_config.peft_type))
+    identity = {"adapter_sha256": adapter_sha256(adapter_dir), "base_weights_sha256": base.weights_sha256}
+    if peft_config.is_prompt_learning:
+        return _not_mergeable(params, method, base, identity)
+
+    dtype_name = target_dtype(params, base)
+    identity["dtype"] = dtype_name
+    stored = _reusable(merged_dir, identity, params.merge.tolerance)
+    if stored is not None:
+        atomic.write_json(report_path, stored)
+        return MergeResult(True, None, True, stored["max_abs_logit_diff"], dtype_name, str(layout.MERGED),
+                           str(report_path))
+
+    check_finite(adapter_dir)
+    # The adapter says whether it sits on a class head: merge then needs neither preprocess nor evaluate params.
+    classification = str(getattr(peft_config.task_type, "value", peft_config.task_type)) == "SEQ_CLS"
+    label_names = _label_names(params) if classification else []
+    n_labels = len(label_names) if classification else None
+    rows = _parity_rows(params)
+    tokenizer = models.load_tokenizer(base, trust_remote_code=params.model.trust_remote_code)
+    merged, diff = _merge_fp32(params, base, adapter_dir, n_labels, rows)
 
     report = {"merged": True, "method": method, "base_model": base.spec, **identity,
               "max_abs_logit_diff": diff, "tolerance": params.merge.tolerance, "parity_samples": len(rows),

@@ -19,12 +19,12 @@ This module holds no MLflow import: it works on the client that tasks.tracking b
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
-from tasks.errors import PeftflowError
+from tasks.cli import apply_env_defaults, main_guard
+from tasks.errors import ConfigError, PeftflowError
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -105,6 +105,7 @@ def rollback(model_name: str, params) -> AliasMove:
     return move
 
 
+@main_guard
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tasks.promote",
                                      description="Move the `champion` alias of the registered adapter model.")
@@ -117,31 +118,24 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("show", help="print the versions and aliases")
     args = parser.parse_args(argv)
 
-    os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    apply_env_defaults()  # before mlflow is imported: it reads the environment at import
     from tasks import tracking
     from tasks.config import RegisterConfig, load_params
 
+    params = load_params(args.params)
     try:
-        params = load_params(args.params)
         name = RegisterConfig(model_name=args.model_name).model_name if args.model_name else params.register.model_name
-        tracking.check_reachable(params)
-        if args.command == "promote":
-            move = promote(name, args.version, params)
-        elif args.command == "rollback":
-            move = rollback(name, params)
-        else:
-            c = tracking.client(params)
-            aliases = c.get_registered_model(name).aliases if _versions(c, name) else {}
-            for v in sorted(_versions(c, name), key=int):
-                marks = ",".join(a for a, ver in aliases.items() if str(ver) == v)
-                print(f"{v}\t{marks}")
-            return 0
-    except PeftflowError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     except ValueError as err:  # pydantic's ValidationError for a bad --model-name
-        print(f"error: --model-name: {err}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--model-name: {err.errors()[0]['msg'] if hasattr(err, 'errors') else err}") from None
+    tracking.check_reachable(params)
+    if args.command == "show":
+        c = tracking.client(params)
+        aliases = c.get_registered_model(name).aliases if _versions(c, name) else {}
+        for v in sorted(_versions(c, name), key=int):
+            marks = ",".join(a for a, ver in aliases.items() if str(ver) == v)
+            print(f"{v}\t{marks}")
+        return 0
+    move = promote(name, args.version, params) if args.command == "promote" else rollback(name, params)
     print(asdict(move))
     return 0 if move.moved else 1
 

@@ -35,7 +35,6 @@ from tasks.errors import ModelError, PeftflowError
 
 log = logging.getLogger(__name__)
 
-TAG_TOKEN = registry.TAG_TOKEN
 TAG_GATE = "peftflow.gate.promote"  # "true" / "false" / "skipped": its presence = registration complete
 TAG_GATE_REASON = "peftflow.gate.reason"
 TAG_GATE_REFERENCE = "peftflow.gate.reference"
@@ -137,7 +136,7 @@ def _signature(params: Params):
 
 
 def _version_tags(params: Params, token: str, adapter_sha: str, lineage: dict, evaluation: dict) -> dict[str, str]:
-    tags = {TAG_TOKEN: token, "adapter.sha256": adapter_sha}
+    tags = {registry.TAG_TOKEN: token, "adapter.sha256": adapter_sha}
     for key in ("base.spec", "base.revision", "base.weights_sha256", "data.md5", "data.source", "params.sha256",
                 "git.commit", "git.dirty", "train.device", "train.tokens_trained"):
         if lineage.get(key):
@@ -168,7 +167,7 @@ def _create_version(client, params: Params, run_id: str, name: str, tags: dict, 
         mlflow.pyfunc.save_model(
             str(model_dir), python_model=str(MODEL_CODE), artifacts={"adapter": str(adapter)},
             model_config=_model_config(params, base), signature=_signature(params),
-            pip_requirements=_pip_requirements(), metadata={"peftflow.run_token": tags[TAG_TOKEN]},
+            pip_requirements=_pip_requirements(), metadata={"peftflow.run_token": tags[registry.TAG_TOKEN]},
         )
         client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT)
     try:
@@ -269,11 +268,87 @@ def _record_gate(client, params: Params, name: str, version: str, outcome: GateO
             client.set_model_version_tag(name, version, key, tags[key])
 
 
-def run(params: Params, run_id: str | None = None) -> RegisterResult:
-    """Log, register (idempotently), set `challenger`, gate `champion`; see the module docstring."""
-    os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+def _pipeline_run(params: Params, client, token: str, run_id: str | None) -> tuple[str, bool]:
+    """(run id, whether this call owns it): the given run, the flow's ($PEFTFLOW_MLFLOW_RUN_ID), the
+    one an earlier attempt of this pipeline run left (by token), or a new one."""
+    run_id = run_id or os.environ.get(tracking.ENV_RUN_ID) or tracking.find_run(params, registry.TAG_TOKEN, token)
+    owns_run = run_id is None or client.get_run(run_id).info.status != "RUNNING"
+    if run_id is None:
+        run_id = tracking.start_run(params, run_name=f"peftflow-{token[:8]}", tags={registry.TAG_TOKEN: token})
+    elif owns_run:
+        tracking.adopt_run(params, run_id)  # a re-run resuming a finished/failed run of the same pipeline
+    return run_id, owns_run
+
+
+def _registered_version(client, params: Params, run_id: str, token: str, adapter_sha: str,
+                        evaluation: dict) -> tuple[str, bool]:
+    """(version, created): this pipeline run's version, created if absent, deduplicated and checked
+    byte for byte against the trained adapter. Call under the registry lock."""
+    cfg = params.register
+    existing = registry.find_version(client, cfg.model_name, token)
+    if existing:
+        return existing[0], False
+    lineage = client.get_run(run_id).data.tags
+    description = (f"Adapter on {lineage.get('base.spec')} (weights sha256 {lineage.get('base.weights_sha256')}); "
+                   f"data {lineage.get('data.source')} md5 {lineage.get('data.md5')}; "
+                   f"{cfg.primary_metric}: adapter {evaluation.get('adapter', {}).get(cfg.primary_metric)}, "
+                   f"base {evaluation.get('base', {}).get(cfg.primary_metric)}")
+    ours = _create_version(client, params, run_id, cfg.model_name,
+                           _version_tags(params, token, adapter_sha, lineage, evaluation), description)
+    # A request the client retried after a lost answer may have created another version
+    # with our token (all ours, under the lock): keep the lowest, delete the others.
+    versions = registry.find_version(client, cfg.model_name, token)
+    for extra in versions[1:]:
+        log.warning("register: deleting version %s of %s, a duplicate of version %s (token %s)",
+                    extra, cfg.model_name, versions[0], token[:12])
+        client.delete_model_version(cfg.model_name, extra)
+    version = versions[0] if versions else ours
+    try:
+        _verify_stored(params, cfg.model_name, version, adapter_sha)
+    except ModelError:
+        log.warning("register: deleting version %s of %s: its stored adapter is not the trained one",
+                    version, cfg.model_name)
+        client.delete_model_version(cfg.model_name, version)
+        raise
+    return version, True
+
+
+def _apply_gate(client, params: Params, version: str, evaluation: dict) -> tuple[GateOutcome | None, str]:
+    """Set `challenger` and run the gate once per version; (outcome, reason). A version whose
+    decision is recorded keeps it (outcome None). Call under the registry lock."""
+    cfg = params.register
+    mv = client.get_model_version(cfg.model_name, version)
+    if TAG_GATE in mv.tags:  # registration of this version completed before: keep its decision
+        return None, mv.tags.get(TAG_GATE_REASON, "")
+    client.set_registered_model_alias(cfg.model_name, promote.CHALLENGER, version)
+    outcome: GateOutcome | None = None
+    if cfg.promote:
+        outcome = _gate(client, params, cfg.model_name, version, evaluation)
+        reason = outcome.reason
+    else:
+        reason = "gate disabled (register.promote: false)"
+    _record_gate(client, params, cfg.model_name, version, outcome, reason)
+    return outcome, reason
+
+
+def _log_result(client, params: Params, result: RegisterResult, outcome: GateOutcome | None) -> None:
+    """Gate metrics and registration tags on the run; reports/register.json (also as an artifact)."""
     from mlflow.entities import Metric, RunTag
 
+    gate_metrics = {"gate_promoted": float(bool(result.promoted))} if result.promoted is not None else {}
+    if outcome is not None and outcome.improvement is not None:
+        gate_metrics.update({f"gate_improvement{suffix}": v for suffix, v in
+                             zip(("", "_low", "_high"), outcome.improvement) if v is not None})
+    client.log_batch(result.run_id, metrics=[Metric(k, v, tracking.now_ms(), 0) for k, v in gate_metrics.items()],
+                     tags=[RunTag("registered.model", result.model_name), RunTag("registered.version", result.version),
+                           RunTag("gate.reason", result.reason[:5000])])
+    report = Path(params.root) / layout.report("register")
+    atomic.write_json(report, asdict(result))
+    client.log_artifact(result.run_id, str(report), "reports")
+
+
+def run(params: Params, run_id: str | None = None) -> RegisterResult:
+    """Log, register (idempotently), set `challenger`, gate `champion`; see the module docstring."""
     cfg = params.register
     ingest, train, evaluation = _require(params, "ingest"), _require(params, "train"), _require(params, "evaluate")
     if not ingest.get("md5"):
@@ -285,74 +360,21 @@ def run(params: Params, run_id: str | None = None) -> RegisterResult:
     tracking.check_reachable(params, timeout_s=cfg.server_wait_s)
     client = tracking.client(params)
     tracking.mark_stale_runs(params, client)
-    run_id = run_id or os.environ.get(tracking.ENV_RUN_ID) or tracking.find_run(params, TAG_TOKEN, token)
-    owns_run = run_id is None or client.get_run(run_id).info.status != "RUNNING"
-    if run_id is None:
-        run_id = tracking.start_run(params, run_name=f"peftflow-{token[:8]}", tags={TAG_TOKEN: token})
-    elif owns_run:
-        tracking.adopt_run(params, run_id)  # a re-run resuming a finished/failed run of the same pipeline
+    run_id, owns_run = _pipeline_run(params, client, token, run_id)
     try:
-        client.set_tag(run_id, TAG_TOKEN, token)
-
+        client.set_tag(run_id, registry.TAG_TOKEN, token)
         # One registration of this model at a time (across processes and machines): twins of one
         # pipeline run then find each other's points and version instead of both logging and creating
         # them (no doubled curve, versions stay dense), and the gate's read-decide-move of
         # `champion` cannot interleave with another's.
         with registry.registry_lock(client, cfg.model_name):
             tracking.log_pipeline(run_id, params)
-            lineage = client.get_run(run_id).data.tags
-            existing = registry.find_version(client, cfg.model_name, token)
-            created = not existing
-            if created:
-                description = (f"Adapter on {lineage.get('base.spec')} (weights sha256 {lineage.get('base.weights_sha256')}); "
-                               f"data {lineage.get('data.source')} md5 {lineage.get('data.md5')}; "
-                               f"{cfg.primary_metric}: adapter {evaluation.get('adapter', {}).get(cfg.primary_metric)}, "
-                               f"base {evaluation.get('base', {}).get(cfg.primary_metric)}")
-                ours = _create_version(client, params, run_id, cfg.model_name,
-                                       _version_tags(params, token, adapter_sha, lineage, evaluation), description)
-                # A request the client retried after a lost answer may have created another version
-                # with our token (all ours, under the lock): keep the lowest, delete the others.
-                versions = registry.find_version(client, cfg.model_name, token)
-                for extra in versions[1:]:
-                    log.warning("register: deleting version %s of %s, a duplicate of version %s (token %s)",
-                                extra, cfg.model_name, versions[0], token[:12])
-                    client.delete_model_version(cfg.model_name, extra)
-                version = versions[0] if versions else ours
-                try:
-                    _verify_stored(params, cfg.model_name, version, adapter_sha)
-                except ModelError:
-                    log.warning("register: deleting version %s of %s: its stored adapter is not the trained one",
-                                version, cfg.model_name)
-                    client.delete_model_version(cfg.model_name, version)
-                    raise
-            else:
-                version = existing[0]
-
-            mv = client.get_model_version(cfg.model_name, version)
-            promoted: bool | None = None
-            outcome: GateOutcome | None = None
-            if TAG_GATE in mv.tags:  # registration of this version completed before: keep its decision
-                reason = mv.tags.get(TAG_GATE_REASON, "")
-            else:
-                client.set_registered_model_alias(cfg.model_name, promote.CHALLENGER, version)
-                if cfg.promote:
-                    outcome = _gate(client, params, cfg.model_name, version, evaluation)
-                    promoted, reason = outcome.promoted, outcome.reason
-                else:
-                    reason = "gate disabled (register.promote: false)"
-                _record_gate(client, params, cfg.model_name, version, outcome, reason)
+            version, created = _registered_version(client, params, run_id, token, adapter_sha, evaluation)
+            outcome, reason = _apply_gate(client, params, version, evaluation)
         champion = promote.alias_version(client, cfg.model_name, promote.CHAMPION)
-        gate_metrics = {"gate_promoted": float(bool(promoted))} if promoted is not None else {}
-        if outcome is not None and outcome.improvement is not None:
-            gate_metrics.update({f"gate_improvement{suffix}": v for suffix, v in
-                                 zip(("", "_low", "_high"), outcome.improvement) if v is not None})
-        client.log_batch(run_id, metrics=[Metric(k, v, tracking.now_ms(), 0) for k, v in gate_metrics.items()],
-                         tags=[RunTag("registered.model", cfg.model_name), RunTag("registered.version", version),
-                               RunTag("gate.reason", reason[:5000])])
-        result = RegisterResult(run_id, cfg.model_name, version, token, adapter_sha, created, promoted, reason, champion)
-        report = Path(params.root) / layout.report("register")
-        atomic.write_json(report, asdict(result))
-        client.log_artifact(run_id, str(report), "reports")
+        result = RegisterResult(run_id, cfg.model_name, version, token, adapter_sha, created,
+                                None if outcome is None else outcome.promoted, reason, champion)
+        _log_result(client, params, result, outcome)
     except BaseException:
         if owns_run:
             tracking.finish_run(params, run_id, "FAILED")

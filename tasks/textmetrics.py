@@ -144,17 +144,23 @@ class Embedder:
         return (self.encode(preds) * self.encode(refs)).sum(-1).tolist()
 
 
+@lru_cache(maxsize=1)
+def _embedder() -> Embedder:
+    return Embedder()
+
+
 def embedding_similarity(preds: Sequence[str], refs: Sequence[str], embedder: Embedder | None = None) -> list[float]:
-    """Cosine similarity per row (loads the model unless `embedder` is given)."""
+    """Cosine similarity per row (with the process's one Embedder unless `embedder` is given)."""
     _same_length(preds, refs)
-    return (embedder or Embedder()).similarity(preds, refs)
+    return (embedder or _embedder()).similarity(preds, refs)
 
 
 def row_scores(preds: Sequence[str], refs: Sequence[str], *, embed: bool = True) -> dict[str, list[float]]:
     """Every per-row metric (see the module docstring) for aligned `preds` / `refs`.
 
     Keys: exact_match, token_f1, rouge_l, chrf, embedding_similarity (only when `embed`), length,
-    reference_length; each a list with one float per row. The embedding model loads once per call.
+    reference_length; each a list with one float per row. The embedding model loads once per process
+    (base, candidate and champion are scored in one process).
     """
     _same_length(preds, refs)
     preds, refs = [str(p) for p in preds], [str(r) for r in refs]

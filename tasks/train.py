@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks import atomic, checkpoints, distributed, layout, models, peft_methods
+from tasks import atomic, checkpoints, devices, distributed, layout, models, peft_methods, processed
 from tasks.adapters import adapter_sha256
 from tasks.config import Params, TrainConfig
 from tasks.errors import ConfigError, DataError, ModelError
@@ -52,24 +52,6 @@ class TrainResult:
     skipped: bool  # True: an up-to-date adapter existed, nothing was trained
 
 
-def resolve_device(cfg: TrainConfig) -> str:
-    """`train.device` -> "cpu" or "cuda"; ConfigError if CUDA is asked for but absent."""
-    import torch
-
-    if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device = 'cuda' but no CUDA GPU is visible; set train.device: auto or cpu")
-    return cfg.device
-
-
-def resolve_dtype(cfg: TrainConfig, device: str) -> str:
-    """`train.precision` -> "bf16" or "fp32" (auto: bf16 on CUDA, fp32 on CPU)."""
-    if cfg.precision == "auto":
-        return "bf16" if device == "cuda" else "fp32"
-    return cfg.precision
-
-
 def check_quantization(cfg: TrainConfig, device: str) -> None:
     """QLoRA needs CUDA and bitsandbytes; say so before any model is loaded."""
     if not cfg.peft.quantize_4bit:
@@ -85,30 +67,18 @@ def check_quantization(cfg: TrainConfig, device: str) -> None:
 
 
 def load_processed(params: Params):
-    """The processed DatasetDict and, for classification, its label names."""
-    from datasets import load_from_disk
+    """The processed train split and, for classification, its label names (None for a causal LM).
 
-    folder = params.root / layout.PROCESSED
-    if not folder.is_dir():
-        raise DataError(f"{layout.PROCESSED} is missing; run `python -m tasks preprocess` first")
-    data = load_from_disk(str(folder))
-    if "train" not in data or len(data["train"]) == 0:
-        raise DataError(f"{layout.PROCESSED} has no (or an empty) 'train' split; rerun preprocess")
+    Read through tasks/processed.py, the one reader of preprocess outputs (same errors everywhere)."""
     classification = params.preprocess.format == "classification"
-    needed = {"input_ids", "label"} if classification else {"input_ids", "labels"}
-    missing = needed - set(data["train"].column_names)
-    if missing:
-        raise DataError(f"{layout.PROCESSED}/train lacks column(s) {sorted(missing)} needed for "
-                        f"preprocess.format '{params.preprocess.format}'; rerun preprocess")
-    label_names = None
-    if classification:
-        report = params.root / layout.report("preprocess")
-        try:
-            label_names = json.loads(report.read_text())["label_names"]
-        except (OSError, ValueError, KeyError) as err:
-            raise DataError(f"{report} with 'label_names' is needed for classification ({err}); rerun preprocess") \
-                from None
-    return data, label_names
+    train_set = processed.read_split(params.root, "train", {"input_ids", "label" if classification else "labels"})
+    if not classification:
+        return train_set, None
+    names = processed.label_names(params.root)
+    if len(names) < 2:
+        raise DataError(f"{layout.report('preprocess')} lists {len(names)} label name(s); classification needs "
+                        f"at least two; {processed.REBUILD}")
+    return train_set, names
 
 
 def data_sha256(folder: Path) -> str:
@@ -137,7 +107,7 @@ class Plan:
     device: str  # "cpu" | "cuda"
     dtype_name: str  # "fp32" | "bf16"
     base: models.BaseModel
-    data: Any  # the processed DatasetDict
+    data: Any  # the processed train split (datasets.Dataset)
     label_names: list[str] | None  # None: causal LM; else the classification labels
     rank: int
     world: int
@@ -160,7 +130,7 @@ def run(params: Params) -> TrainResult | None:
     With `train.devices` > 1 this process launches the workers (tasks/distributed.py) and returns
     what rank 0 reported; inside a worker, ranks other than 0 return None (rank 0 writes the outputs).
     """
-    world = distributed.world_size(params.train, resolve_device(params.train))
+    world = distributed.world_size(params.train, devices.resolve_device(params.train))
     if world > 1 and distributed.worker()[1] == 1:
         return _launch(params, world)
     from tasks import fastpath
@@ -216,9 +186,9 @@ def make_plan(params: Params) -> Plan:
     """Device, precision, data, base model and fingerprint; raises ConfigError/ModelError/DataError
     before any model is loaded."""
     cfg = params.train
-    device = resolve_device(cfg)
+    device = devices.resolve_device(cfg)
     check_quantization(cfg, device)  # before any model or data is touched
-    dtype_name = resolve_dtype(cfg, device)
+    dtype_name = devices.resolve_precision(cfg, device)
     data, label_names = load_processed(params)
     base = models.resolve(params.model)
     rank, world = distributed.worker()
@@ -233,7 +203,7 @@ def make_plan(params: Params) -> Plan:
         "dtype": dtype_name,
     })
     return Plan(device, dtype_name, base, data, label_names, rank, world, fp,
-                params.root / layout.CHECKPOINTS / fp, cfg.optimizer_steps(len(data["train"]), world))
+                params.root / layout.CHECKPOINTS / fp, cfg.optimizer_steps(len(data), world))
 
 
 def housekeeping(params: Params, plan: Plan) -> Path | None:
@@ -313,8 +283,9 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, *, device: str, dtype
         weight_decay=cfg.weight_decay,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        # transformers 5 renamed gradient_checkpointing* (the old names warn on every run)
+        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=2,  # rotation happens before the newest manifest exists: keep one sealed fallback
@@ -350,7 +321,7 @@ def make_trainer(params: Params, plan: Plan, model, tokenizer):
         model, collator, extra = fastpath.prepare(model, collator, cfg.fast_path)
     args = trainers.training_args(training_arguments(cfg, plan.run_dir, device=plan.device, dtype_name=plan.dtype_name,
                                                      world=plan.world, extra=extra), world=plan.world, device=plan.device)
-    train_set = plan.data["train"].select_columns(["input_ids", "label" if plan.classification else "labels"])
+    train_set = plan.data.select_columns(["input_ids", "label" if plan.classification else "labels"])
     return trainers.make_trainer(model, tokenizer, collator, args, train_set, adalora=cfg.peft.method == "adalora",
                                  device=plan.device), model
 

@@ -82,7 +82,7 @@ def test_version_holds_adapter_only_with_lineage_tags(registered, tmp_path):
     params, _, _, result = registered
     c = tracking.client(params)
     mv = c.get_model_version(params.register.model_name, result.version)
-    assert mv.tags[register.TAG_TOKEN] == result.token
+    assert mv.tags[registry.TAG_TOKEN] == result.token
     assert mv.tags["adapter.sha256"] == result.adapter_sha256
     assert mv.tags["metric.adapter.accuracy"] == "0.7" and mv.tags[register.TAG_GATE] == "true"
     assert "improvement confirmed" in mv.tags[register.TAG_GATE_REASON]
@@ -189,10 +189,10 @@ def test_trained_but_unregistered_adapter_is_registered_by_rerun_and_killed_run_
     # A register process that dies (kill -9 style) after creating its run, before registering.
     code = textwrap.dedent(f"""
         import os
-        from tasks import tracking, register
+        from tasks import registry, tracking
         from tasks.config import load_params
         p = load_params({str(root / 'params.yaml')!r})
-        tracking.start_run(p, tags={{register.TAG_TOKEN: {token!r}}})
+        tracking.start_run(p, tags={{registry.TAG_TOKEN: {token!r}}})
         os._exit(9)
     """)
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=60)
@@ -237,7 +237,7 @@ def test_concurrent_pipelines_get_distinct_versions(tmp_path, monkeypatch):
 
     versions = MlflowClient(store, store).search_model_versions("name='peftflow-adapter'")
     assert sorted(int(v.version) for v in versions) == [1, 2]
-    assert len({v.tags[register.TAG_TOKEN] for v in versions}) == 2
+    assert len({v.tags[registry.TAG_TOKEN] for v in versions}) == 2
 
 
 def test_adapter_changed_since_training_is_refused(tmp_path):
