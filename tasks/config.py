@@ -34,6 +34,7 @@ from tasks.config_stages import (  # noqa: F401  (re-exported: every section is 
     SplitConfig,
     TrainConfig,
 )
+from tasks.config_sweep import SweepConfig  # the sweep: section, in its own module
 from tasks.errors import ConfigError
 
 # A registered-model or experiment name: no path separators, no traversal, printable.
@@ -134,6 +135,9 @@ class RegisterConfig(Section):
         {"f1_macro": 0.02}, description="Metric -> largest allowed regression vs the champion."
     )
     promote: bool = Field(True, description="Run the gate after registration (moves `champion` when it passes).")
+    approval: Literal["gate", "manual"] = Field(
+        "gate", description="Who moves `champion`: `gate` (the gate, when it passes) or `manual` (the gate only "
+        "records its decision and sets `challenger`; a person moves `champion` in the MLflow UI, which deploys it).")
     server_wait_s: float = Field(
         300.0, ge=0, le=86400,
         description="How long register waits for an unreachable tracking server to come back before failing "
@@ -185,6 +189,7 @@ class Params(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     merge: MergeConfig = MergeConfig()
     register: RegisterConfig = RegisterConfig()
+    sweep: SweepConfig = SweepConfig()  # tasks/config_sweep.py: the search `python -m flows.sweep` runs
 
     root: Path = Field(Path("."), exclude=True, description="Project root (folder of the params file).")
     sha256: str = Field("", exclude=True, description="sha256 of the params file bytes.")

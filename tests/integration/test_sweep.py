@@ -1,0 +1,154 @@
+"""The sweep flow on a tiny real project: Optuna study in SQLite, trials as Prefect tasks and nested
+MLflow runs, resumed after a SIGKILL with no trial lost or counted twice, selection never on the test
+split, an invalid space failing before any trial."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from conftest import REPO
+from support.projects import small_project
+from tasks import layout, sweep, sweep_tracking, tracking
+from tasks.config import load_params
+from tasks.errors import ConfigError
+
+pytestmark = pytest.mark.integration
+
+SPACE = {"train.learning_rate": {"loguniform": [1.0e-4, 3.0e-3]}, "train.peft.r": {"choice": [4, 16]}}
+N_TRIALS = 3
+
+
+def _cmd(project):
+    return [sys.executable, "-m", "flows.sweep", "--params", str(project / "params.yaml")]
+
+
+def _env(home):
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    env["PREFECT_HOME"] = str(home)
+    return env
+
+
+def _trials(params):
+    import optuna
+
+    try:
+        return optuna.load_study(study_name=sweep.study_name(params), storage=sweep.storage_url(params)).get_trials()
+    except (KeyError, ValueError, Exception):  # no study (or storage) yet
+        return []
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory):
+    """A sweep SIGKILLed while its second trial runs, then the same command run again."""
+    base = tmp_path_factory.mktemp("sweep")
+    project = small_project(base / "proj", sweep={"space": SPACE, "n_trials": N_TRIALS})
+    params = load_params(project / "params.yaml")
+    env = _env(base / "prefect-home")
+    first = subprocess.Popen(_cmd(project), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+    deadline, killed_trial = time.monotonic() + 300, None
+    while time.monotonic() < deadline and first.poll() is None:
+        states = {t.number: t.state.name for t in _trials(params)}
+        running = [n for n, s in states.items() if s == "RUNNING"]
+        if "COMPLETE" in states.values() and running:
+            killed_trial = running[0]
+            os.killpg(first.pid, signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    out1 = first.communicate(timeout=60)[0]
+    assert killed_trial is not None, f"the sweep never had a running trial after a complete one:\n{out1[-3000:]}"
+    second = subprocess.run(_cmd(project), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return project, params, killed_trial, second
+
+
+def test_killed_sweep_resumes_with_no_trial_lost_or_counted_twice(resumed):
+    project, params, killed, second = resumed
+    assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
+    trials = _trials(params)
+    states = {t.number: t.state.name for t in trials}
+    assert states[killed] == "FAIL", states  # the interrupted one: marked failed, its slot asked again
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert len(complete) == N_TRIALS and "RUNNING" not in states.values(), states
+    assert complete[0].user_attrs.get("peftflow.default") and complete[0].number == 0
+    assert complete[0].params == {"train.learning_rate": 1.0e-3, "train.peft.r": 16}  # the file's own values
+    # each complete trial has its own folder with a validation evaluation
+    for t in complete:
+        folder = sweep.sweep_dir(params) / f"trial-{t.number:04d}"
+        report = yaml.safe_load((folder / layout.report("evaluate")).read_text())
+        assert report["split"] == "validation" and report["adapter"]["accuracy"] == pytest.approx(t.value)
+    # the main project trained and evaluated nothing; dvc.lock records preprocess only
+    assert not (project / layout.ADAPTER).exists() and not (project / layout.report("evaluate")).exists()
+    assert sorted(yaml.safe_load((project / "dvc.lock").read_text())["stages"]) == ["preprocess"]
+    best = load_params(sweep.sweep_dir(params) / "best-params.yaml")  # a valid params file
+    best_trial = max(complete, key=lambda t: t.value)
+    assert best.train.learning_rate == pytest.approx(best_trial.params["train.learning_rate"])
+
+
+def test_parent_run_holds_one_nested_run_per_trial_and_the_study_artifacts(resumed):
+    _, params, killed, _ = resumed
+    c = tracking.client(params)
+    exp = tracking.experiment_id(params, c)
+    parents = c.search_runs([exp], filter_string=f"tags.`{sweep_tracking.TAG_STUDY}` = '{sweep.study_name(params)}'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0].info.run_id
+    children = c.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    by_state = {}
+    for run in children:
+        by_state.setdefault(run.data.tags[sweep_tracking.TAG_STATE], []).append(run)
+    assert len(by_state["COMPLETE"]) == N_TRIALS and {r.info.status for r in by_state["COMPLETE"]} == {"FINISHED"}
+    assert [r.data.tags[sweep_tracking.TAG_TRIAL] for r in by_state["FAIL"]] == [str(killed)]
+    assert by_state["FAIL"][0].info.status == "KILLED"
+    done = by_state["COMPLETE"][0]
+    assert {"train.learning_rate", "train.peft.r"} <= set(done.data.params)
+    assert "objective" in done.data.metrics and len(c.get_metric_history(done.info.run_id, "train.loss")) > 1
+    names = {f.path for f in c.list_artifacts(parent, "sweep")}
+    assert {"sweep/study.json", "sweep/trials.csv", "sweep/optimization_history.png",
+            "sweep/param_importances.png"} <= names
+
+
+def test_trials_never_read_the_test_split(resumed):
+    from datasets import load_from_disk
+
+    project, params, _, _ = resumed
+    data = load_from_disk(str(project / layout.PROCESSED))
+    validation, test = set(data["validation"]["prompt"]), set(data["test"]["prompt"])
+    assert validation and test and not validation & test
+    import pandas as pd
+
+    folders = sorted(sweep.sweep_dir(params).glob("trial-*"))
+    scored = [f for f in folders if (f / layout.PREDICTIONS).is_file()]
+    assert len(scored) >= N_TRIALS
+    for folder in folders:  # the test split is not even visible to a trial
+        assert sorted(p.name for p in (folder / layout.PROCESSED).iterdir()) == ["dataset_dict.json", "train",
+                                                                                 "validation"]
+    for folder in scored:
+        prompts = set(pd.read_csv(folder / layout.PREDICTIONS)["prompt"])
+        assert prompts <= validation and not prompts & test
+
+
+def test_invalid_space_fails_before_any_trial_naming_the_key(tmp_path):
+    project = small_project(tmp_path / "proj", sweep={"space": {"train.learning_rate": {"choice": ["fast"]}}})
+    run = subprocess.run(_cmd(project), cwd=REPO, env=_env(tmp_path / "prefect-home"), capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "sweep.space.train.learning_rate" in run.stderr and "'fast'" in run.stderr
+    assert not (project / "sweeps").exists() and not (project / layout.RAW_DATA).exists()
+    # an unknown key or a wrong distribution fails at load, naming the key
+    with pytest.raises(ConfigError, match=r"sweep\.space\.train\.peft\.rank: unknown key 'rank'"):
+        load_params(_write(tmp_path, {"sweep": {"space": {"train.peft.rank": {"choice": [8]}}}}))
+    with pytest.raises(ConfigError, match="low must be below high"):
+        load_params(_write(tmp_path, {"sweep": {"space": {"train.learning_rate": {"loguniform": [1.0e-2, 1.0e-3]}}}}))
+
+
+def _write(tmp_path, data):
+    path = tmp_path / "bad" / "params.yaml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(yaml.safe_dump(data))
+    return path
