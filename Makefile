@@ -30,8 +30,8 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $(STAMP)
 
 run: PARAMS ?= params.yaml
-run: setup  ## run the whole pipeline on the embedded default (SmolLM2 + Rotten Tomatoes); PARAMS=<project>/params.yaml for another project
-	$(PY) -m flows.finetune --params $(PARAMS)
+run: setup  ## run the whole pipeline on the embedded default (SmolLM2 + Rotten Tomatoes); PARAMS=<project>/params.yaml for another project, VERBOSE=1 for every library message
+	$(PY) -m flows.finetune --params $(PARAMS) $(if $(VERBOSE),--verbose)
 
 ci-tools: setup  ## tools the integration tests use: hadolint, docker-compose, PostgreSQL, services extras
 	bash scripts/ci-setup.sh

@@ -33,6 +33,7 @@ from prefect import flow  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 
 from flows import runtime, stages, summary  # noqa: E402
+from tasks import sharing, tracking  # noqa: E402
 from tasks.config import Params  # noqa: E402
 
 
@@ -51,6 +52,7 @@ def build_summary(params: Params, data, outcomes: dict[str, stages.StageOutcome]
         device_hours=hours,
         cost=params.register.cost(hours),
         **stages.registration_fields(params, reg),
+        warnings=sharing.warnings(tracking.client(params).get_model_version(reg.model_name, reg.version).tags),
     )
 
 
@@ -92,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
                     "register + gate. Stages already up to date in dvc.lock are skipped.",
     )
     parser.add_argument("--params", default="params.yaml", help="params file; its folder is the project root")
+    runtime.add_verbose_flag(parser)
     args = parser.parse_args(argv)
-    summary.print_table(summary.RunSummary(**runtime.run_flow(finetune, {"params": args.params})))
+    summary.print_table(summary.RunSummary(**runtime.run_flow(finetune, {"params": args.params}, args.verbose)))
     return 0
 
 

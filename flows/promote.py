@@ -61,10 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("version", nargs="?", help="model version to make champion")
     parser.add_argument("--rollback", action="store_true", help="move champion back to the version it replaced")
     parser.add_argument("--params", default="params.yaml", help="params file (tracking store and model name)")
+    runtime.add_verbose_flag(parser)
     args = parser.parse_args(argv)
     if (args.version is None) == (not args.rollback):
         parser.error("give a VERSION or --rollback (not both)")
-    result = runtime.run_flow(promote, {"version": args.version, "rollback": args.rollback, "params": args.params})
+    result = runtime.run_flow(promote, {"version": args.version, "rollback": args.rollback, "params": args.params},
+                              args.verbose)
     print(f"champion: {result['previous']} -> {result['champion']} ({result['note']})")
     return 0 if result["moved"] else 1
 

@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"'{DATA_CHANGED}' trigger (needs PREFECT_API_URL of a `prefect server start`)")
     mode.add_argument("--emit-event", action="store_true", help=f"emit '{DATA_CHANGED}' for this project and exit")
     parser.add_argument("--cron", default=DEFAULT_CRON, help=f"schedule for --serve (default '{DEFAULT_CRON}', UTC)")
+    runtime.add_verbose_flag(parser)
     args = parser.parse_args(argv)
 
     if args.serve or args.emit_event:
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 serve(str(Path(args.params).resolve()), args.cron)
         return 0
-    print_result(runtime.run_flow(retrain, {"params": args.params}))
+    print_result(runtime.run_flow(retrain, {"params": args.params}, args.verbose))
     return 0
 
 

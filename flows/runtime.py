@@ -12,6 +12,13 @@ Contract (the process defaults, `apply_env_defaults()`, and the CLI error policy
   error (tasks.cli.user_error) is raised on, for the CLI's `main_guard` to report in one line:
   while the flow runs, Prefect's records of it (the exception with its traceback, then the run's
   "Finished in state Failed") stay off the terminal; they still reach the Prefect UI.
+- Quiet by default (`run_flow(..., verbose=False)`; `--verbose` on the flow CLIs, `make run
+  VERBOSE=1` or PEFTFLOW_VERBOSE=1 for everything): the terminal gets Prefect's task lines (not the
+  "Finished in state Completed()" ones), one progress bar per long step (training, evaluation,
+  GGUF conversion) and the summary. Python warnings and the libraries' loggers (transformers,
+  datasets, mlflow, peft, ...) go to `<project>/.dvc/tmp/peftflow.log`; their row-by-row bars
+  (dataset saving, weight loading, artifact downloads) and the Trainer's per-step dicts are off
+  (the per-step log is in reports/train_log.csv and MLflow).
 - `project_lock(root)`: an exclusive, cross-process lock of one project, held while a flow checks,
   runs and records a stage, so two flows on one checkout never interleave writes to the same DVC
   outputs, dvc.lock or the MLflow store (they take turns; the second then finds the stage current).
@@ -35,6 +42,13 @@ from tasks import cli
 
 LOCAL_SERVER = "http://127.0.0.1:4200/api"
 LOCK_FILE = Path(".dvc/tmp/peftflow-flow.lock")  # .dvc/tmp is git-ignored by DVC itself
+LOG_FILE = Path(".dvc/tmp/peftflow.log")  # what quiet mode keeps off the terminal
+ENV_VERBOSE = "PEFTFLOW_VERBOSE"  # "1": everything on the terminal (read by tasks/trainers.py too)
+# Set before the libraries are imported (they read them at import): row-by-row bars off.
+QUIET_ENV = {"HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "MLFLOW_CONFIGURE_LOGGING": "false"}
+LIBRARY_LOGGERS = ("py.warnings", "transformers", "datasets", "mlflow", "peft", "huggingface_hub", "accelerate",
+                   "torch", "alembic", "urllib3", "git", "dvc")
 
 
 def _healthy(api_url: str, timeout: float = 0.5) -> bool:
@@ -173,13 +187,72 @@ def _user_errors_off_the_terminal() -> Iterator[None]:
             handler.removeFilter(quiet)
 
 
-def run_flow(flow: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
-    """See the module docstring."""
+class _CompletedOffTheTerminal(logging.Filter):
+    """Quiet mode: a run's "Finished in state Completed()" adds nothing to the line before it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Finished in state Completed")
+
+
+def add_verbose_flag(parser) -> None:
+    """`--verbose` on a flow CLI's argparse parser (pass `args.verbose` to run_flow)."""
+    parser.add_argument("--verbose", action="store_true", help="everything on the terminal: library warnings and "
+                        f"logs, every progress bar, the trainer's per-step dicts (default: in <project>/{LOG_FILE})")
+
+
+def verbose_requested(flag: bool = False) -> bool:
+    """--verbose, or PEFTFLOW_VERBOSE=1 (`make run VERBOSE=1`)."""
+    return flag or os.environ.get(ENV_VERBOSE) == "1"
+
+
+def quiet_libraries(log_file: Path) -> None:
+    """Keep library chatter off the terminal (see the module docstring); call before a flow runs."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_file, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    import datasets.utils.logging
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_default_handler()  # its own stderr handler, set at import
+    datasets.utils.logging.get_logger().handlers.clear()  # likewise
+    logging.captureWarnings(True)  # warnings.warn -> the `py.warnings` logger
+    for name in LIBRARY_LOGGERS:
+        lib = logging.getLogger(name)
+        lib.handlers[:] = [handler]
+        lib.propagate = False  # else the root logger's console handler prints them too
+        lib.setLevel(logging.WARNING)  # what reached the terminal before: warnings and errors
+
+
+@contextlib.contextmanager
+def _terminal(verbose: bool) -> Iterator[None]:
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    consoles = [] if verbose else [h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)]
+    quiet = _CompletedOffTheTerminal()
+    for handler in consoles:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for handler in consoles:
+            handler.removeFilter(quiet)
+
+
+def run_flow(flow: Callable[..., Any], kwargs: dict[str, Any], verbose: bool = False) -> Any:
+    """See the module docstring. `kwargs["params"]` names the project (its folder holds the log)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    verbose = verbose_requested(verbose)
+    if verbose:
+        os.environ[ENV_VERBOSE] = "1"  # training workers and stage code see it too
+    else:
+        quiet_libraries(Path(kwargs.get("params") or "params.yaml").resolve().parent / LOG_FILE)
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        with prefect_api() as url, temporary_settings({PREFECT_API_URL: url}), _user_errors_off_the_terminal():
+        with prefect_api() as url, temporary_settings({PREFECT_API_URL: url}), _user_errors_off_the_terminal(), \
+                _terminal(verbose):
             return flow(**kwargs)
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -12,7 +12,8 @@ Contract:
   of the trained one to plain LoRA), once per folder, atomically.
 - `collator(tokenizer, classification)`: pads a batch (labels with -100 for a causal LM).
 - `training_args(kwargs, world=, device=) -> TrainingArguments`: from tasks.train.training_arguments.
-- `make_trainer(...)`: a PeftflowTrainer with the callbacks above (resets CUDA peak memory).
+- `make_trainer(...)`: a PeftflowTrainer with the callbacks above (resets CUDA peak memory); its
+  progress bar without the per-step dicts unless PEFTFLOW_VERBOSE=1 (`BarOnly`).
 - `train_or_restore(trainer, model, resume, max_steps) -> Trained`: the loop, resumed from the
   checkpoint `resume`; or, when that checkpoint holds the last step, its weights loaded instead.
 - `peak_memory(device) -> (bytes, kind)`: CUDA max allocated, or the process's max RSS on CPU.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import resource
 import time
 from dataclasses import dataclass
@@ -32,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
 
 from tasks import atomic, checkpoints, distributed
 from tasks.errors import TrainingError
@@ -119,13 +121,26 @@ def training_args(kwargs: dict, *, world: int, device: str):
     return args
 
 
+class BarOnly(ProgressCallback):
+    """The Trainer's progress bar without the dict it prints at every logging step (those figures
+    are in reports/train_log.csv and MLflow); PEFTFLOW_VERBOSE=1 keeps the dicts."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
 def make_trainer(model, tokenizer, data_collator, args, train_set, *, adalora: bool, device: str) -> PeftflowTrainer:
     """A PeftflowTrainer sealing its checkpoints (and updating AdaLoRA's budget when `adalora`)."""
     callbacks = [ManifestOnSave()] + ([AdaLoraBudget()] if adalora else [])
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    return PeftflowTrainer(model=model, args=args, train_dataset=train_set, data_collator=data_collator,
-                           processing_class=tokenizer, callbacks=callbacks)
+    trainer = PeftflowTrainer(model=model, args=args, train_dataset=train_set, data_collator=data_collator,
+                              processing_class=tokenizer, callbacks=callbacks)
+    if os.environ.get("PEFTFLOW_VERBOSE") != "1":
+        for printer in (ProgressCallback, PrinterCallback):
+            trainer.remove_callback(printer)
+        trainer.add_callback(BarOnly)
+    return trainer
 
 
 @dataclass(frozen=True)

@@ -146,7 +146,7 @@ def test_training_arguments_come_from_params_alone_and_build_real_training_argum
     one = train.training_arguments(cfg, tmp_path / "run", device="cpu", dtype_name="fp32", world=1)
     assert one["gradient_accumulation_steps"] == 8 and one["warmup_steps"] == 5 and isinstance(one["warmup_steps"], int)
     assert one["use_cpu"] and not one["bf16"] and one["output_dir"] == str(tmp_path / "run")
-    assert one["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
+    assert one["activation_checkpointing"] and one["activation_checkpointing_kwargs"] == {"use_reentrant": False}
     assert "ddp_backend" not in one and "ddp_find_unused_parameters" not in one
     # the same dict, given twice, is the same: nothing but the arguments feeds it
     assert one == train.training_arguments(cfg, tmp_path / "run", device="cpu", dtype_name="fp32", world=1)
