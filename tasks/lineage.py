@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import platform
-import subprocess
 from pathlib import Path
 from typing import Any
 
-from tasks import layout, models
+from tasks import layout, models, runstate
 from tasks.adapters import adapter_sha256
 from tasks.config import Params
 
@@ -26,15 +25,9 @@ def gpu_hours(train: dict[str, Any]) -> float:
 
 
 def git_state(root: Path) -> dict[str, str]:
-    """{"git.commit": sha, "git.dirty": "true"/"false"} of the project, or {} outside git."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True, timeout=30).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return {"git.commit": commit, "mlflow.source.git.commit": commit, "git.dirty": str(bool(dirty)).lower()}
+    """{"git.commit": sha, "git.dirty": "true"/"false"} of the project, or {} outside git. Dirty
+    covers untracked pipeline files too (dvc.lock, .dvc pointers, stage deps): tasks/runstate.py."""
+    return runstate.git_state(root)
 
 
 def library_versions() -> dict[str, str]:

@@ -238,3 +238,81 @@ def init_project(root: Path, remote_dir: Path | None = None) -> list[str]:
         finally:
             dvc_logger.setLevel(level)
     return done
+
+
+def pointers(root: Path) -> list[str]:
+    """The project's `.dvc` pointer files (data DVC tracks outside dvc.yaml), relative to root."""
+    root = Path(root)
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*.dvc")
+                  if p.is_file() and ".dvc" not in p.relative_to(root).parts[:-1])
+
+
+def remote_url(root: Path, remote: str | None = None) -> tuple[str, str]:
+    """(name, url) of `remote` (default: the project's default remote), relative paths made absolute."""
+    root = Path(root)
+    with _repo(root) as repo:
+        name = remote or repo.config["core"].get("remote")
+        conf = repo.config["remote"].get(name) if name else None
+    if not conf:
+        raise DataError(f"{root} has no DVC remote {name or '(no default)'}; "
+                        f"run `dvc remote add -d <name> <url>` there")
+    return name, str(conf["url"])
+
+
+def missing_on_remote(root: Path, targets: Iterable[Path | str], remote: str | None = None) -> list[tuple[str, str]]:
+    """(path, md5) of every tracked output among targets whose objects the remote lacks (no transfer)."""
+    root = Path(root)
+    rels = [str(root / _rel(root, t)) for t in targets]
+    missing: list[tuple[str, str]] = []
+    with _repo(root) as repo:
+        odb = repo.cloud.get_remote_odb(name=remote, command="pull")
+        for out in _outs(repo, rels):
+            hi = out.hash_info
+            if not hi or not hi.value or not odb.exists(hi.value):
+                missing.append((str(out), hi.value if hi else "?"))
+                continue
+            if hi.isdir:  # the listing is there; every file it names must be too
+                from dvc_data.hashfile.tree import Tree
+
+                tree = Tree.load(odb, hi)
+                if any(e and not odb.exists(e.value) for _, _, e in tree):
+                    missing.append((str(out), hi.value))
+    return missing
+
+
+def pull(root: Path, targets: Iterable[Path | str], remote: str | None = None) -> None:
+    """`dvc pull` the targets (tracked paths or .dvc files) into the workspace."""
+    root = Path(root)
+    rels = [str(root / _rel(root, t)) for t in targets]
+    with _repo(root) as repo:
+        repo.pull(targets=rels, remote=remote)
+
+
+def use_remotes_of(source: Path, target: Path) -> None:
+    """Give `target` (e.g. a fresh worktree of the same project) the DVC remotes of `source`, with
+    relative local URLs resolved against source, in target's `.dvc/config.local` (never committed)."""
+    with _repo(Path(source)) as repo:
+        remotes = {name: dict(conf) for name, conf in repo.config["remote"].items()}
+        default = repo.config["core"].get("remote")
+    from dvc.config import Config
+
+    conf = Config(dvc_dir=str(Path(target) / ".dvc"), validate=False)
+    with conf.edit("local") as local:
+        local.setdefault("remote", {}).update({k: {kk: vv for kk, vv in v.items() if isinstance(vv, str | int)}
+                                               for k, v in remotes.items()})
+        if default:
+            local.setdefault("core", {})["remote"] = default
+
+
+def repro(root: Path, log_path: Path, env: dict[str, str]) -> None:
+    """`dvc repro --force` in root, as its own process (stage commands run there, no run cache);
+    output to log_path. Raises DataError with the log's last line when it fails."""
+    import subprocess
+    import sys
+
+    with open(log_path, "w") as log:
+        done = subprocess.run([sys.executable, "-m", "dvc", "repro", "--force"], cwd=root, env=env,
+                              stdout=log, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        lines = [ln for ln in Path(log_path).read_text(errors="replace").splitlines() if ln.strip()]
+        raise DataError(f"`dvc repro` in {root} failed ({lines[-1] if lines else done.returncode}); see {log_path}")
