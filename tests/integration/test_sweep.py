@@ -152,3 +152,27 @@ def _write(tmp_path, data):
     path.parent.mkdir(exist_ok=True)
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+def test_dvc_exp_run_with_a_param_override_shows_in_dvc_exp_show(tmp_path):
+    """DVC users' habit on a project: `dvc exp run -S key=value <stage>` and `dvc exp show`."""
+    import json
+
+    from support.projects import git
+
+    project = small_project(tmp_path / "proj")
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run([sys.executable, "-m", "tasks", "ingest", "--params", "params.yaml"], cwd=project, check=True,
+                   capture_output=True)
+    git(project, "add", "-A")
+    git(project, "commit", "-qm", "data")
+    run = subprocess.run([*dvc, "exp", "run", "-S", "train.learning_rate=2.0e-3", "train"], cwd=project,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    shown = json.loads(subprocess.run([*dvc, "exp", "show", "--json"], cwd=project, check=True,
+                                      capture_output=True, text=True).stdout)
+    rates = [rev["data"]["params"]["params.yaml"]["data"]["train"]["learning_rate"]
+             for commit in shown for exp in commit.get("experiments") or [] for rev in exp["revs"]]
+    assert 2.0e-3 in rates, rates
+    assert yaml.safe_load((project / "params.yaml").read_text())["train"]["learning_rate"] == 2.0e-3  # applied
+    assert (project / layout.report("train")).is_file()
