@@ -1,0 +1,47 @@
+"""Preference pairs in tests: a real project (tiny model) whose raw rows are prompt/chosen/rejected.
+
+- `PAIR_OVERRIDES`: params for `preprocess.format: preference` + `train.objective: dpo` (tiny, CPU).
+- `pair_rows(n)`: raw rows; the chosen reply names the review's sentiment, the rejected one the other.
+- `preference_project(root, overrides, rows)`: make_project + data/raw/dataset.parquet + the real
+  preprocess stage; returns the loaded Params.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from support.projects import NEGATIVE, POSITIVE, deep_merge, make_project
+from tasks import layout
+from tasks.config import Params, load_params
+
+PAIR_OVERRIDES = {
+    "preprocess": {"format": "preference", "text_fields": [], "label_field": None, "labels": {},
+                   "max_length": 128, "split": {"group_by": None, "validation": 0.1, "test": 0.25}},
+    "train": {"objective": "dpo", "fast_path": False, "beta": 0.5, "warmup_steps": 0, "lr_scheduler": "constant",
+              "learning_rate": 5.0e-3},
+    "register": {"primary_metric": "preference_accuracy"},
+}
+
+
+def pair_rows(n: int = 40) -> list[dict]:
+    rows = []
+    for k in range(n):
+        good = k % 2 == 0
+        text = (POSITIVE if good else NEGATIVE)[k // 2 % 5]
+        right, wrong = ("positive", "negative") if good else ("negative", "positive")
+        rows.append({"prompt": f"Review: {text} #{k}\nSentiment?", "chosen": f"It is {right}.",
+                     "rejected": f"It is {wrong}."})
+    return rows
+
+
+def preference_project(root: Path, overrides: dict | None = None, rows: list[dict] | None = None) -> Params:
+    import pandas as pd
+
+    from tasks import preprocess
+
+    make_project(root, deep_merge(PAIR_OVERRIDES, overrides or {}))
+    (root / layout.RAW_DATA).parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows if rows is not None else pair_rows()).to_parquet(root / layout.RAW_DATA)
+    params = load_params(root / "params.yaml")
+    preprocess.run(params)
+    return params
