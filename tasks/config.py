@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from tasks.config_stages import (  # noqa: F401  (re-exported: every section is imported from tasks.config)
     ChatConfig,
     ChatRole,
     FastPathConfig,
     PeftConfig,
+    PreferenceConfig,
     PreprocessConfig,
     Section,
     SplitConfig,
@@ -111,7 +112,8 @@ class MergeConfig(Section):
 # Every metric the evaluate stage can report, in report order (tasks/metrics.py computes them);
 # here so that params naming a metric are checked at load time.
 METRIC_NAMES = ("accuracy", "accuracy_norm", "accuracy_calibrated", "majority_rate", "f1_macro", "loss", "perplexity",
-                "exact_match", "token_f1", "rouge_l", "chrf", "embedding_similarity", "length", "length_ratio")
+                "exact_match", "token_f1", "rouge_l", "chrf", "embedding_similarity", "length", "length_ratio",
+                "preference_accuracy", "logp_accuracy", "reward_margin")  # the last three: preference pairs (tasks/preference_eval.py)
 
 
 def _check_metric(name: str) -> str:
@@ -194,6 +196,13 @@ class Params(Section):
     root: Path = Field(Path("."), exclude=True, description="Project root (folder of the params file).")
     sha256: str = Field("", exclude=True, description="sha256 of the params file bytes.")
     path: Path | None = Field(None, exclude=True, description="The params file (None if not read from one).")
+
+    @model_validator(mode="after")
+    def _objective_fits_format(self) -> Params:
+        if self.train.objective != "sft" and self.preprocess.format != "preference":
+            raise ValueError(f"train.objective {self.train.objective!r} trains on preference pairs: set "
+                             f"preprocess.format: preference (it is {self.preprocess.format!r}), or train.objective: sft")
+        return self
 
 
 def _format_error(err: ValidationError, source: str) -> str:

@@ -68,14 +68,28 @@ class ChatConfig(Section):
     )
 
 
+class PreferenceConfig(Section):
+    """`format: preference`: preference pairs (tasks/preference.py). `prompt` is text or a list of
+    messages (read like `preprocess.chat`: role/content keys and `roles`); `chosen` / `rejected` are
+    text or a list holding one assistant message."""
+
+    prompt_field: str = Field("prompt", description="Column holding the prompt (text, or messages / their JSON).")
+    chosen_field: str = Field("chosen", description="Column holding the preferred response.")
+    rejected_field: str = Field("rejected", description="Column holding the dispreferred response.")
+    bad_rows: Literal["error", "drop"] = Field(
+        "error", description="Rows with an empty or malformed prompt/response, or chosen equal to rejected: fail "
+        "naming the row (`error`), or drop and count them per reason (`drop`).")
+
+
 class PreprocessConfig(Section):
     """Column mapping, formatting and tokenisation."""
 
-    format: Literal["instruction", "text", "classification", "chat"] = Field(
+    format: Literal["instruction", "text", "classification", "chat", "preference"] = Field(
         "instruction",
         description="`instruction`: causal-LM SFT, loss only on the response; `text`: plain causal LM on the text; "
         "`classification`: a sequence-classification head over `labels`; `chat`: multi-turn conversations "
-        "(see `preprocess.chat`), loss only on assistant turns.",
+        "(see `preprocess.chat`), loss only on assistant turns; `preference`: prompt + chosen/rejected pairs (see "
+        "`preprocess.preference`) for `train.objective: dpo` (`sft` trains on prompt + chosen).",
     )
     text_fields: list[str] = Field(
         ["text"], description="Columns used as input text (at least one; not used by `chat`).")
@@ -109,6 +123,7 @@ class PreprocessConfig(Section):
     )
     split: SplitConfig = SplitConfig()
     chat: ChatConfig = ChatConfig()
+    preference: PreferenceConfig = PreferenceConfig()
 
     @field_validator("labels", mode="before")
     @classmethod
@@ -120,7 +135,7 @@ class PreprocessConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> PreprocessConfig:
-        if self.format != "chat" and not self.text_fields:
+        if self.format not in ("chat", "preference") and not self.text_fields:
             raise ValueError(f"format '{self.format}' needs at least one column in text_fields")
         if self.format == "classification" and (not self.label_field or len(self.labels) < 2):
             raise ValueError("format 'classification' needs label_field and at least two labels")
@@ -198,6 +213,16 @@ class TrainConfig(Section):
         1, description="Training processes on this host, one per device (DDP under torchrun); `auto` = every "
         "visible GPU (1 on CPU). CPU training with N > 1 runs N processes over gloo.",
     )
+    objective: Literal["sft", "dpo", "orpo", "kto"] = Field(
+        "sft", description="`sft`: supervised loss on the responses; `dpo`: DPO on `preprocess.format: preference` "
+        "pairs through TRL, the reference being the base with the adapter off (tasks/preference_train.py). "
+        "`orpo` / `kto` are refused for now (use dpo).")
+    beta: float = Field(0.1, gt=0, le=100.0, description="DPO beta: strength of the pull towards the reference; also "
+                        "scales the implied reward evaluate reports (`reward_margin`).")
+    init_adapter: str | None = Field(
+        None, description="Start from this adapter instead of a fresh one: a folder (relative to the project) or "
+        "`models:/<name>@<alias>` / `models:/<name>/<version>` of this project's registry (hash-checked); its own "
+        "adapter config replaces `train.peft`. Recorded in the train report and lineage tags.")
 
     @field_validator("fast_path", mode="before")
     @classmethod
@@ -210,6 +235,19 @@ class TrainConfig(Section):
         if v != "auto" and v < 1:
             raise ValueError("must be at least 1, or auto")
         return v
+
+    @model_validator(mode="after")
+    def _objective_supported(self) -> TrainConfig:
+        if self.objective in ("orpo", "kto"):
+            raise ValueError(f"train.objective {self.objective!r} is not supported yet; use dpo (preference pairs) "
+                             "or sft")
+        if self.objective != "sft" and self.fast_path.enabled:
+            raise ValueError(f"train.objective {self.objective!r} does not run on the CUDA fast path (packing and "
+                             "fused kernels are SFT-only here); set train.fast_path: false")
+        if self.objective != "sft" and isinstance(self.devices, int) and self.devices > 1:
+            raise ValueError(f"train.objective {self.objective!r} trains on one device here (DDP is not tested "
+                             "with TRL's DPOTrainer); set train.devices: 1")
+        return self
 
     @model_validator(mode="after")
     def _one_length(self) -> TrainConfig:

@@ -51,6 +51,7 @@ class EvalSet:
     label_pairs: list[list[tuple[list[int], list[int]]]] = field(default_factory=list)  # [row][label]
     content_free: list[list[tuple[list[int], list[int]]]] = field(default_factory=list)  # [prompt][label]
     class_inputs: list[list[int]] = field(default_factory=list)  # content-free inputs of a class head
+    pairs: list = field(default_factory=list)  # preference format: (chosen, rejected) sequences (tasks/preference_eval.py)
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,8 @@ def fingerprint(es: EvalSet, params: Params, base_weights_sha256: str) -> str:
     }, sort_keys=True).encode())
     for (ids, labels), prompt, target in zip(es.sequences, es.prompts, es.targets):
         h.update(json.dumps([ids, labels, prompt, target]).encode())
+    if es.pairs:  # the rejected side and DPO's beta decide the preference columns too
+        h.update(json.dumps([es.pairs, params.train.beta]).encode())
     h.update(es.labels.tobytes())
     return h.hexdigest()
 
@@ -122,6 +125,11 @@ def build(params: Params, tokenizer, split: str = "test") -> EvalSet:
                  sequences=list(zip(input_ids, seq_labels)), generative=is_generative(params))
     if causal:
         _add_generation(es, params, tokenizer)
+    if pre.format == "preference":
+        from tasks import preference_eval
+
+        pair_split = processed.read_split(params.root, split, set(preference_eval.COLUMNS))
+        es.pairs = preference_eval.pairs(pair_split.select(rows))
     if names and pre.format == "instruction":  # label names are the responses only there
         _add_label_pairs(es, params, tokenizer)
     elif names:
@@ -206,6 +214,10 @@ def measure(model, es: EvalSet, params: Params, tokenizer, device, which: str) -
         nll = [known[_key(seq)] for seq in es.sequences]
         cols["nll_sum"] = np.array([s for s, _, _ in nll], dtype=np.float64)
         cols["n_tokens"] = np.array([c for _, c, _ in nll], dtype=np.int64)
+        if es.pairs:
+            from tasks import preference_eval
+
+            cols.update(preference_eval.measure(model, es.pairs, params.train.beta, common, which))
     outputs = [""] * n
     if es.gen_rows:
         texts = scoring.generate(model, es.gen_prompts, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,

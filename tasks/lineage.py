@@ -55,7 +55,7 @@ def tags(params: Params, ingest: dict[str, Any], train: dict[str, Any], flow_run
                  "base.weights_sha256": base.weights_sha256})
     if (root / layout.ADAPTER / "adapter_config.json").is_file():
         tags["adapter.sha256"] = adapter_sha256(root / layout.ADAPTER)
-    for key in ("device", "tokens_trained", "fingerprint", "method"):
+    for key in ("device", "tokens_trained", "fingerprint", "method", "objective", "init_adapter", "init_adapter_sha256"):
         if train.get(key) is not None:
             tags[f"train.{key}"] = str(train[key])
     if train:

@@ -82,6 +82,7 @@ def perplexity(mean_token_loss: float) -> float:
 
 GENERATIVE = ("exact_match", "token_f1", "rouge_l", "chrf", "embedding_similarity", "length")
 LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
+PREFERENCE = ("preference_accuracy", "logp_accuracy", "reward_margin")  # preference pairs (tasks/preference_eval.py)
 PREDICTORS = {"accuracy": "pred", "accuracy_norm": "pred_norm", "accuracy_calibrated": "pred_cal",
               "majority_rate": "majority"}  # accuracy of each predictor column
 
@@ -110,11 +111,34 @@ def table_metric(name: str, cols, n_classes: int) -> float | None:
             return None
         ref = np.nansum(cols["reference_length"])
         return float(np.nansum(cols["length"]) / ref) if ref else None
+    if name in PREFERENCE:
+        return preference_metric(name, cols)
     if name in GENERATIVE:
         if name not in cols or not np.isfinite(cols[name]).any():
             return None
         return float(np.nanmean(cols[name]))
     raise ValueError(f"unknown metric '{name}'")
+
+
+def preference_accuracy(margins: Sequence[float]) -> float:
+    """Share of pairs whose margin (score of chosen minus score of rejected) is > 0; a tie is not a win."""
+    m = np.asarray(margins, dtype=np.float64).reshape(-1)
+    if m.size == 0:
+        raise ValueError("no pairs to score")
+    return float((m > 0).mean())
+
+
+def preference_metric(name: str, cols) -> float | None:
+    """`preference_accuracy` (of `pref_margin`), `logp_accuracy` (chosen_logp > rejected_logp) or
+    `reward_margin` (mean implied reward margin) of a per-row table; None without pair columns."""
+    needs = {"preference_accuracy": "pref_margin", "logp_accuracy": "chosen_logp", "reward_margin": "reward_margin"}
+    if needs[name] not in cols or len(cols[needs[name]]) == 0:
+        return None
+    if name == "preference_accuracy":
+        return preference_accuracy(cols["pref_margin"])
+    if name == "logp_accuracy":
+        return preference_accuracy(cols["chosen_logp"] - cols["rejected_logp"])
+    return float(np.mean(cols["reward_margin"]))
 
 
 def defined_rows(name: str, cols) -> np.ndarray:

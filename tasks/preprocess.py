@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks import atomic, chat, layout, splits
+from tasks import atomic, chat, layout, preference, splits
 from tasks.config import Params, PreprocessConfig
 from tasks.encoding import batch_token_ids, end_of_turn, join_pair, label_reserve, with_bos
 from tasks.errors import ConfigError, DataError
@@ -103,6 +103,9 @@ def run(params: Params) -> PreprocessResult:
     chat_stats = None
     if cfg.format == "chat":  # tokenised before the split, so rows dropped as too long leave no split short
         rows, chat_stats = chat.encode_rows(tokenizer, cfg, rows, dropped)
+    elif cfg.format == "preference":  # likewise (tasks/preference.py)
+        rows = preference.encode_rows(tokenizer, cfg, rows, dropped)
+    if cfg.format in ("chat", "preference"):
         if not rows:
             raise DataError(f"no conversation fits in preprocess.max_length {cfg.max_length} tokens "
                             f"(dropped: {dropped}); raise max_length")
@@ -143,6 +146,9 @@ def _template_fields(cfg: PreprocessConfig) -> list[str]:
 def _check_columns(df, cfg: PreprocessConfig) -> None:
     if cfg.format == "chat":  # the tools column is optional
         needed = {"preprocess.chat.messages_field": cfg.chat.messages_field}
+    elif cfg.format == "preference":
+        needed = {f"preprocess.preference.{k}": getattr(cfg.preference, k)
+                  for k in ("prompt_field", "chosen_field", "rejected_field")}
     else:
         needed = {f"preprocess.text_fields[{i}]": c for i, c in enumerate(cfg.text_fields)}
     if _uses_labels(cfg):
@@ -174,6 +180,8 @@ def label_names_of(cfg: PreprocessConfig) -> list[str]:
 def _dropped_counts(cfg: PreprocessConfig) -> dict[str, int]:
     if cfg.format == "chat":
         return {**dict.fromkeys(chat.BAD_ROW_REASONS, 0), "duplicate_text": 0, "too_long": 0}
+    if cfg.format == "preference":
+        return preference.dropped_counts()
     return {"empty_text": 0, "empty_response": 0, "unknown_label": 0, "duplicate_text": 0}
 
 
@@ -185,6 +193,8 @@ def _read_row(rec: dict, number: int, cfg: PreprocessConfig, names: list[str], d
         if conv is None:
             return None
         return {"fields": {}, "target": "", "label": -1, "conversation": conv, "number": number}, conv.key
+    if cfg.format == "preference":
+        return preference.read_row(rec, number, cfg, dropped)
     texts = tuple(_as_text(rec[c]) for c in cfg.text_fields)
     if not any(t.strip() for t in texts):
         dropped["empty_text"] += 1
@@ -217,7 +227,7 @@ def prepare_rows(df, cfg: PreprocessConfig) -> tuple[list[dict], list[str], dict
     import numpy as np
 
     _check_columns(df, cfg)
-    if cfg.format != "chat":
+    if cfg.format not in ("chat", "preference"):
         _template_fields(cfg)
     names = label_names_of(cfg)
     dropped = _dropped_counts(cfg)
@@ -278,6 +288,8 @@ def encode_rows(tokenizer, cfg: PreprocessConfig, rows: list[dict]) -> dict[str,
     """
     if cfg.format == "chat":
         return {k: [r[k] for r in rows] for k in ("input_ids", "labels", "label", "prompt", "target", "truncated")}
+    if cfg.format == "preference":
+        return preference.columns(rows)
     prompts = [render_prompt(tokenizer, cfg, r["fields"]) for r in rows]
     targets = [r["target"] if cfg.format != "text" else "" for r in rows]
     cols: dict[str, list] = {"input_ids": [], "labels": [], "label": [r["label"] for r in rows],
@@ -313,6 +325,8 @@ def _dataset_dict(encoded: dict[str, dict[str, list]], fmt: str):
                 "prompt": Value("string"), "target": Value("string")}
     if fmt == "classification":
         del features["labels"]
+    if fmt == "preference":
+        features = preference.features()
     return DatasetDict({
         name: Dataset.from_dict({k: cols[k] for k in features}, features=Features(features))
         for name, cols in encoded.items()

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks import atomic, checkpoints, devices, distributed, layout, models, peft_methods, processed
+from tasks import atomic, checkpoints, devices, distributed, layout, models, peft_methods, preference_train, processed
 from tasks.adapters import adapter_sha256
 from tasks.config import Params, TrainConfig
 from tasks.errors import ConfigError, DataError, ModelError
@@ -114,6 +114,7 @@ class Plan:
     fingerprint: str  # hash of every input of training: names checkpoints/<fingerprint>/
     run_dir: Path  # checkpoints/<fingerprint>/
     steps: int  # optimizer steps: train.max_steps, or what train.epochs come to over `data`
+    init_adapter: Any = None  # preference_train.InitAdapter: `train.init_adapter` resolved, or None
 
     @property
     def classification(self) -> bool:
@@ -192,7 +193,11 @@ def make_plan(params: Params) -> Plan:
     data, label_names = load_processed(params)
     base = models.resolve(params.model)
     rank, world = distributed.worker()
+    if cfg.objective != "sft":
+        preference_train.check_data(params, data, world)
+    init = preference_train.resolve_init_adapter(params, base)
     fp = checkpoints.fingerprint({
+        "init_adapter_sha256": init.sha256 if init else None,
         "world_size": world,  # summation order across processes shapes the last bits of the weights
         "model": params.model.model_dump(mode="json"),
         "preprocess": params.preprocess.model_dump(mode="json"),
@@ -203,7 +208,7 @@ def make_plan(params: Params) -> Plan:
         "dtype": dtype_name,
     })
     return Plan(device, dtype_name, base, data, label_names, rank, world, fp,
-                params.root / layout.CHECKPOINTS / fp, cfg.optimizer_steps(len(data), world))
+                params.root / layout.CHECKPOINTS / fp, cfg.optimizer_steps(len(data), world), init)
 
 
 def housekeeping(params: Params, plan: Plan) -> Path | None:
@@ -247,7 +252,8 @@ def build_model(params: Params, plan: Plan):
     peft_config = peft_methods.build(cfg.peft, task_type=plan.task_type, max_steps=plan.steps,
                                      num_layers=getattr(model.config, "num_hidden_layers", None))
     try:
-        model = peft.get_peft_model(model, peft_config)
+        model = (preference_train.attach_init_adapter(model, plan.init_adapter) if plan.init_adapter
+                 else peft.get_peft_model(model, peft_config))
     except (ValueError, TypeError, RuntimeError) as err:
         raise ConfigError(f"train.peft (method {cfg.peft.method!r}) does not fit {plan.base.spec}: {err}") from None
     for config in model.peft_config.values():
@@ -314,6 +320,8 @@ def make_trainer(params: Params, plan: Plan, model, tokenizer):
     from tasks import trainers
 
     cfg = params.train
+    if cfg.objective != "sft":  # DPO through TRL: tasks/preference_train.py
+        return preference_train.make_trainer(params, plan, model, tokenizer)
     collator, extra = trainers.collator(tokenizer, plan.classification), {}
     if plan.device == "cuda" and cfg.fast_path.enabled:
         from tasks import fastpath
@@ -367,6 +375,7 @@ def write_outputs(params: Params, plan: Plan, model, tokenizer, initial: Path | 
         "device": plan.device,
         "dtype": plan.dtype_name,
         "resumed_from_step": trained.resumed_from_step,
+        **preference_train.report_fields(params, plan),  # objective, init adapter
         "adapter_sha256": adapter_sha256(adapter),
     }
     atomic.write_json(root / layout.report("train"), report)

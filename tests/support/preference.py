@@ -45,3 +45,14 @@ def preference_project(root: Path, overrides: dict | None = None, rows: list[dic
     params = load_params(root / "params.yaml")
     preprocess.run(params)
     return params
+
+
+def pair_source_project(root: Path, overrides: dict | None = None, rows: int = 40) -> Path:
+    """make_project with PAIR_OVERRIDES and a local CSV of `pair_rows(rows)` as the ingest source."""
+    import pandas as pd
+
+    project = make_project(root, deep_merge(deep_merge(PAIR_OVERRIDES, {"ingest": {"source": "data/pairs.csv"}}),
+                                            overrides or {}))
+    (project / "data").mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(pair_rows(rows)).to_csv(project / "data" / "pairs.csv", index=False)
+    return project
