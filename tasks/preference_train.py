@@ -27,6 +27,7 @@ truncate (`max_length=None`), so training sees exactly the rows evaluate scores.
 
 from __future__ import annotations
 
+import importlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,8 +52,10 @@ def resolve_init_adapter(params: Params, base: models.BaseModel) -> InitAdapter 
     if spec is None:
         return None
     if spec.startswith("models:/"):
-        from tasks import registry
-
+        # Imported by name, so the registry (MLflow client, `register:` params) is not a DVC code
+        # dep of train: what trains is the downloaded adapter's bytes, hash-checked and in the
+        # fingerprint; a registry-code or gate-settings change must not rerun training.
+        registry = importlib.import_module("tasks.registry")
         registry.parse_model_uri(spec)  # ConfigError for a malformed URI, before any download
         folder, _ = registry.download_adapter(spec, params, Path(tempfile.mkdtemp(prefix="peftflow-init-")))
     else:
