@@ -43,6 +43,8 @@ class RunSummary:
     gate: str = ""  # the gate's one-line reason
     run_url: str | None = None  # MLflow run link
     registered_new: bool = False
+    # why the version cannot be reproduced by a teammate (state or data not on a remote): tasks/sharing.py
+    warnings: list[str] = field(default_factory=list)
     device_hours: float | None = None  # train stage wall time x devices (the version's peftflow.device_hours)
     cost: float | None = None  # device_hours x register.cost_per_device_hour (peftflow.cost); None: no rate
 
@@ -89,6 +91,7 @@ def markdown(s: RunSummary) -> str:
     if s.version:
         new = "registered by this run" if s.registered_new else "already registered (nothing changed)"
         lines.append(f"**Version {s.version}** ({new}), alias **{s.alias or 'none'}**. Gate: {s.gate or '–'}")
+    lines += [f"\n**Warning:** {w}" for w in s.warnings]
     if s.run_url:
         lines.append(f"\nMLflow run: [{s.run_url}]({s.run_url})")
     lines += ["", f"Data: `{layout.RAW_DATA}` md5 `{s.data_md5}`, {s.data_rows} rows. Project: `{s.project}`", "",
@@ -138,6 +141,8 @@ def print_table(s: RunSummary, console=None) -> None:
     facts.add_row("model version", f"{s.model_name} v{s.version or '–'}{new if s.version else ''}")
     facts.add_row("alias", s.alias or "none")
     facts.add_row("gate", s.gate or "–")
+    for w in s.warnings:
+        facts.add_row("[yellow]warning[/]", w)
     if s.run_url:
         facts.add_row("MLflow run", s.run_url)
     facts.add_row("data", f"md5 {s.data_md5}, {s.data_rows} rows")

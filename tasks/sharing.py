@@ -5,8 +5,9 @@ Contract:
   (`tasks.runstate.record`, name `<model>-<token[:12]>`), pushes it when DVC's `exp.auto_push` is
   set (to `exp.git_remote`, else origin), then checks that the state is on the git remote and the
   data (every `.dvc` pointer's objects) is on the DVC remote. Returns the version tags below; never
-  raises for a state or data that is not shared: that is a flag (`peftflow.share.warning`), which
-  the run summary prints. Raises PeftflowError when git itself fails on the project.
+  raises for a state or data that is not shared, nor for a project outside git (nothing is
+  recorded then): that is a flag (`peftflow.share.warning`), which the run summary prints.
+  Raises PeftflowError when git itself fails on the project.
 - `warnings(tags) -> list[str]`: the summary lines for a version's tags (empty when shared).
 
 Decision: registration pushes the state only when the project opted in with `dvc config
@@ -68,6 +69,9 @@ def _data_shared(root: Path) -> tuple[str, str | None]:
 def record_for_version(root: Path, model_name: str, token: str) -> dict[str, str]:
     """Record the run's state and say where teammates get it; see the module docstring."""
     root = Path(root)
+    if runstate.toplevel(root) is None:
+        return {TAG_STATE_SHARED: "false", TAG_WARNING: f"{root} is not in a git work tree, so this version's state "
+                f"is not recorded and it cannot be reproduced from the registry; run `git init` there"}
     state = runstate.record(root, state_name(model_name, token), message=f"peftflow: {model_name} run {token[:12]}")
     state_remote, state_problem = _state_shared(root, state)
     data_remote, data_problem = _data_shared(root)
@@ -82,7 +86,7 @@ def record_for_version(root: Path, model_name: str, token: str) -> dict[str, str
 
 def warnings(tags: dict[str, str]) -> list[str]:
     """Summary lines for a version: why its state or data is not where teammates get them."""
-    if TAG_REF not in tags:
+    if TAG_REF not in tags and not tags.get(TAG_WARNING):
         return ["this version has no recorded state (registered before states were recorded): "
                 "it cannot be reproduced from the registry"]
     return [tags[TAG_WARNING]] if tags.get(TAG_WARNING) else []

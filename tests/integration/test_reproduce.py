@@ -115,7 +115,8 @@ def test_alice_reproduces_the_challenger_byte_for_byte_in_a_fresh_worktree(team)
 @pytest.fixture(scope="module")
 def teammate(team):
     clone = team["base"] / "bob"
-    subprocess.run(["git", "clone", "-q", "-b", "main", str(team["origin"]), str(clone)], check=True)
+    # --no-local: a real transport, as from a server (a local clone would hard-link every object, state commits too)
+    subprocess.run(["git", "clone", "-q", "--no-local", "-b", "main", str(team["origin"]), str(clone)], check=True)
     return clone
 
 
