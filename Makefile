@@ -12,7 +12,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 # (standard library only, so this works before .venv exists); a value already set wins.
 $(foreach kv,$(shell cd $(dir $(abspath $(lastword $(MAKEFILE_LIST)))) && python3 -m tasks.cli env),$(eval export $(kv)))
 
-.PHONY: setup ci-tools run test test-fast test-gpu ui prefect-ui lock clean help
+.PHONY: setup ci-tools run reproduce test test-fast test-gpu ui prefect-ui lock clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -32,6 +32,11 @@ $(STAMP): requirements.lock pyproject.toml
 run: PARAMS ?= params.yaml
 run: setup  ## run the whole pipeline on the embedded default (SmolLM2 + Rotten Tomatoes); PARAMS=<project>/params.yaml for another project, VERBOSE=1 for every library message
 	$(PY) -m flows.finetune --params $(PARAMS) $(if $(VERBOSE),--verbose)
+
+reproduce: PARAMS ?= params.yaml
+reproduce: setup  ## rebuild a registered version from its recorded state and compare: MODEL=<name> VERSION=<n>|@<alias> [PARAMS=<project>/params.yaml]
+	@test -n "$(MODEL)" -a -n "$(VERSION)" || { echo "usage: make reproduce MODEL=<registered model> VERSION=<n>|@<alias>"; exit 2; }
+	$(PY) -m flows.reproduce $(MODEL) $(VERSION) --params $(PARAMS)
 
 ci-tools: setup  ## tools the integration tests use: hadolint, docker-compose, PostgreSQL, services extras
 	bash scripts/ci-setup.sh
