@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what CI needs beyond `make setup`, from the project's own files only:
-#   - Debian: docker-compose (validates docker/compose.yaml; no Docker engine needed for `config`)
+#   - Debian: docker-compose (validates docker/compose.yaml; no Docker engine needed for `config`),
+#             chromium + chromium-driver (the MLflow UI test, driven by selenium)
 #             and the PostgreSQL server (integration tests start their own cluster on 127.0.0.1)
 #   - .venv:  requirements-services.lock (hadolint, psycopg2-binary, boto3, dvc-s3, moto server),
 #             constrained by requirements.lock so no existing pin moves
@@ -17,6 +18,9 @@ fi
 need_apt=()
 command -v docker-compose >/dev/null 2>&1 || need_apt+=(docker-compose)
 compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" >/dev/null || need_apt+=(postgresql)
+# headless browser for the MLflow UI test (alias moved by a person, tests/integration/test_deploy.py)
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
 if (( ${#need_apt[@]} )); then
     if [[ $(id -u) -ne 0 ]]; then
         # Not fatal: the tests that need these skip and say which package is missing.

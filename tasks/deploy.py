@@ -43,6 +43,10 @@ TAG_DEPLOY_FAILED = "peftflow.deploy_failed"
 LOG_NAME = "deployments.jsonl"
 
 
+class NoAlias(PeftflowError):
+    """The registered model or the alias does not exist (yet): nothing to deploy."""
+
+
 @dataclass(frozen=True)
 class Target:
     """Where and how to publish. `front_port`: the mlflow endpoint's stable port; `vllm_url`,
@@ -168,7 +172,7 @@ def deploy(params: Params, name: str | None = None, alias: str = promote.CHAMPIO
         try:
             mv = client.get_model_version_by_alias(name, alias)
         except Exception as err:  # noqa: BLE001 - MlflowException: unknown model or alias
-            raise PeftflowError(f"registered model {name!r} has no alias {alias!r} ({err})") from None
+            raise NoAlias(f"registered model {name!r} has no alias {alias!r} ({err})") from None
         version = str(mv.version)
         last = last_deployed(folder, name, alias, target.kind)
         previous = _served_version(folder, name, alias, target)

@@ -134,8 +134,9 @@ def ensure_front(folder: Path, name: str, alias: str, port: int) -> str:
     if front and alive(front.get("pid")):
         return f"http://{HOST}:{front['port']}"
     log = folder / "logs" / f"front-{name}-{alias}.log"
+    # $PEFTFLOW_SERVE_HOST: the front's bind address (0.0.0.0 in a container); backends stay on loopback.
     pid = _spawn([sys.executable, "-m", "tasks.serving_front", "--state", str(_switch_file(folder, name, alias)),
-                  "--port", str(port)], log, {"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+                  "--host", os.environ.get("PEFTFLOW_SERVE_HOST", HOST), "--port", str(port)], log, {"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     url = f"http://{HOST}:{port}"
     deadline = time.monotonic() + 60
     while _get(f"{url}/health") not in (200, 503):

@@ -22,7 +22,8 @@ DOCKER = REPO / "docker"
 DOCKERFILES = [DOCKER / "Dockerfile", DOCKER / "mlflow.Dockerfile"]
 COMPOSE = DOCKER / "compose.yaml"
 SECRETS = {"POSTGRES_PASSWORD": "pg-secret", "MINIO_ROOT_USER": "peftflow", "MINIO_ROOT_PASSWORD": "minio-secret",
-           "PREFECT_AUTH_STRING": "admin:prefect-secret"}
+           "PREFECT_AUTH_STRING": "admin:prefect-secret", "PEFTFLOW_WEBHOOK_SECRET": "webhook-secret",
+           "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": "a-fernet-key"}
 INSTALL_HINT = "install it with `bash scripts/ci-setup.sh` (CI does)"
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
@@ -65,7 +66,7 @@ def test_resolved_stack_wires_the_services(tmp_path: Path):
     assert out.returncode == 0, out.stderr
     services = yaml.safe_load(out.stdout)["services"]
     assert set(services) == {"postgres", "minio", "create-buckets", "mlflow", "prefect-server", "prefect-worker",
-                             "train"}
+                             "train", "webhook-receiver", "register-webhook", "deploy-worker"}
     for name, svc in services.items():
         tag = svc["image"].rsplit(":", 1)
         assert len(tag) == 2 and tag[1] != "latest", f"{name}: image {svc['image']} is not pinned to a tag"
@@ -86,6 +87,11 @@ def test_resolved_stack_wires_the_services(tmp_path: Path):
     prefect_db = services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
     assert prefect_db.startswith("postgresql+asyncpg://") and prefect_db.endswith("@postgres:5432/prefect")
     assert services["train"]["profiles"] == ["train"]
+    # an alias move deploys: the receiver holds the webhook secret, MLflow the key that encrypts it
+    assert services["webhook-receiver"]["environment"]["PEFTFLOW_WEBHOOK_SECRET"] == SECRETS["PEFTFLOW_WEBHOOK_SECRET"]
+    assert "ports" not in services["webhook-receiver"]  # reached by MLflow on the compose network only
+    assert services["mlflow"]["environment"]["MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"] == "a-fernet-key"
+    assert services["deploy-worker"]["command"][-3:] == ["peftflow-serving", "--type", "process"]
 
 
 def pins(text: str) -> dict[str, str]:
