@@ -38,22 +38,26 @@ from prefect.futures import as_completed  # noqa: E402
 
 from flows import runtime, stages  # noqa: E402
 from tasks import sweep as sweeps  # noqa: E402
-from tasks import sweep_tracking  # noqa: E402
+from tasks import runstate, sweep_tracking  # noqa: E402
 from tasks.config import Params, load_params  # noqa: E402
 
 
 @task(name="trial", task_run_name="trial {number}", cache_policy=NO_CACHE, retries=0)
-def trial(params: Params, parent: str, number: int, values: dict) -> dict:
-    """Train + evaluate one trial on the validation split in its own folder; its nested MLflow run."""
-    run_id = sweep_tracking.start_trial(params, parent, number, values)
+def trial(params: Params, parent: str, number: int, optuna_trial) -> dict:
+    """Train + evaluate one trial on the validation split in its own folder; its nested MLflow run,
+    tagged with the project's state (code, params.yaml, dvc.lock) recorded as a git ref."""
+    values = dict(optuna_trial.params)
+    state = runstate.record(params.root, f"{sweeps.study_name(params)}-trial-{number}")
+    run_id = sweep_tracking.start_trial(params, parent, number, values, state)
     try:
-        result = sweeps.run_trial(params, values, number)
+        result = sweeps.run_trial(params, optuna_trial)
     except BaseException:
         sweep_tracking.end_trial(params, run_id, "FAIL", "FAILED")
         raise
     sweep_tracking.log_trial(params, run_id, result)
-    get_run_logger().info("trial %d: %s = %.4f (%s) in %.1f s", number, params.sweep.objective.metric, result.value,
-                          values, result.seconds["total"])
+    shown = "pruned" if result.value is None else f"{result.value:.4f}"
+    get_run_logger().info("trial %d: %s = %s (%s) in %.1f s", number, params.sweep.objective.metric, shown, values,
+                          result.seconds["total"])
     return asdict(result)
 
 
@@ -68,7 +72,7 @@ def _drive(cfg: Params, study, parent: str) -> None:
         while failure is None and len(running) < cfg.sweep.concurrency and \
                 sweeps.finished(study) + len(running) < cfg.sweep.n_trials:
             t = sweeps.ask(study, cfg)
-            running[trial.submit(cfg, parent, t.number, dict(t.params))] = t
+            running[trial.submit(cfg, parent, t.number, t)] = t
         if not running:
             break
         future = next(as_completed(list(running)))
@@ -80,7 +84,10 @@ def _drive(cfg: Params, study, parent: str) -> None:
             logger.error("trial %d failed: %s", t.number, err)
             failure = failure or err
             continue
-        study.tell(t, result["value"])
+        if result["state"] == "PRUNED":
+            study.tell(t, state=TrialState.PRUNED)  # its value: the last reported validation loss
+        else:
+            study.tell(t, result["value"])
     if failure is not None:
         raise failure
 

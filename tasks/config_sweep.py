@@ -75,6 +75,17 @@ class SamplerConfig(Section):
     n_startup_trials: int = Field(4, ge=1, description="Random trials before TPE models the results.")
 
 
+class PrunerConfig(Section):
+    """Optuna's median pruner over the validation loss reported during training (tasks/sweep_trial.py)."""
+
+    enabled: bool = Field(True, description="Stop a trial whose validation loss at a step is worse than the median "
+                          "of earlier trials at that step (no adapter is written; the trial counts as PRUNED).")
+    n_startup_trials: int = Field(2, ge=0, description="Trials that finish before any is pruned.")
+    n_warmup_steps: int = Field(0, ge=0, description="Training steps of a trial before it can be pruned.")
+    interval_steps: int = Field(10, ge=1, description="Optimizer steps between two validation-loss reports.")
+    max_samples: int = Field(64, ge=1, description="Validation rows the loss during training is computed on.")
+
+
 class SweepConfig(Section):
     """Hyperparameter search (`python -m flows.sweep`): an Optuna study; a trial trains and evaluates on the validation split in `sweeps/<study>/trial-<n>/`. A dimension is one of `loguniform`, `uniform`, `int`, `logint` ([low, high]) or `choice` (a list)."""
 
@@ -92,6 +103,7 @@ class SweepConfig(Section):
         "`sqlite:///<project>/sweeps/optuna.db`.")
     objective: ObjectiveConfig = ObjectiveConfig()
     sampler: SamplerConfig = SamplerConfig()
+    pruner: PrunerConfig = PrunerConfig()
 
     @field_validator("space")
     @classmethod

@@ -11,7 +11,8 @@ Contract (no Prefect here; flows/sweep.py drives these, one Prefect task per tri
   FAIL; their slots are asked again, since only COMPLETE and PRUNED trials count (`finished`).
 - `ask(study, params) -> optuna.Trial`: the next trial with every dimension sampled (trial 0 is
   the params file's own values when `sweep.include_default`), tagged with this process.
-- `run_trial(params, values, number) -> TrialResult`: train + evaluate(split="validation") in
+- `run_trial(params, trial) -> TrialResult`: train (tasks/sweep_trial.py: the validation loss is
+  reported during training for the median pruner) + evaluate(split="validation") in
   `sweeps/<study>/trial-<number>/`, a project folder of its own whose `data/processed` shows the
   main project's train and validation splits only (symlinks, read only), so a trial cannot read
   the test split. The main project's models/, reports/ and dvc.lock are never written.
@@ -44,11 +45,13 @@ ATTR_PID, ATTR_PID_START = "peftflow.pid", "peftflow.pid_start"
 class TrialResult:
     number: int
     folder: str
-    value: float  # the objective: sweep.objective.metric of the adapter on the validation split
+    state: str  # "COMPLETE" or "PRUNED" (stopped during training by the median pruner)
+    value: float | None  # the objective: sweep.objective.metric of the adapter on the validation split
     metrics: dict  # every adapter metric of the validation evaluation
     base_metrics: dict  # the base model's, on the same rows
     train: dict  # reports/train.json of the trial
     seconds: dict  # {"train": s, "evaluate": s, "total": s}
+    curve: dict  # {step: validation loss} reported to the pruner during training
 
 
 def study_name(params: Params) -> str:
@@ -142,9 +145,13 @@ def open_study(params: Params):
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     sampler = optuna.samplers.TPESampler(seed=cfg.sampler.seed, n_startup_trials=cfg.sampler.n_startup_trials,
                                          constant_liar=cfg.concurrency > 1)
+    pruner = (optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner.n_startup_trials,
+                                          n_warmup_steps=cfg.pruner.n_warmup_steps)
+              if cfg.pruner.enabled else optuna.pruners.NopPruner())
     try:
         return optuna.create_study(storage=RDBStorage(url, engine_kwargs=engine), study_name=study_name(params),
-                                   sampler=sampler, direction=cfg.objective.direction, load_if_exists=True)
+                                   sampler=sampler, pruner=pruner, direction=cfg.objective.direction,
+                                   load_if_exists=True)
     except ValueError as err:  # e.g. an existing study with the other direction
         raise ConfigError(f"sweep study '{study_name(params)}' in {url}: {err}; set sweep.study to a new name") from None
 
@@ -225,18 +232,27 @@ def prepare_folder(params: Params, folder: Path) -> None:
     shutil.copyfile(Path(params.root) / layout.report("preprocess"), report)
 
 
-def run_trial(params: Params, values: dict[str, Any], number: int) -> TrialResult:
-    """Train and evaluate one trial in its own folder; see the module docstring."""
+def run_trial(params: Params, trial) -> TrialResult:
+    """Train and evaluate the optuna `trial` (values sampled by `ask`) in its own folder; see the
+    module docstring. Pruned during training: state PRUNED, no evaluation."""
     import time
 
-    from tasks import evaluate, train
+    import optuna
 
-    folder = sweep_dir(params) / f"trial-{number:04d}"
-    tp = trial_params(params, values, folder)  # the schema's verdict before anything runs
+    from tasks import evaluate, sweep_trial
+
+    number, folder = trial.number, sweep_dir(params) / f"trial-{trial.number:04d}"
+    tp = trial_params(params, dict(trial.params), folder)  # the schema's verdict before anything runs
     started = time.perf_counter()
     prepare_folder(params, folder)
     atomic.write_text(folder / "params.yaml", yaml.safe_dump(_dump(tp), sort_keys=False))
-    train.run(tp)
+    try:
+        sweep_trial.train(tp, trial)
+    except optuna.TrialPruned:
+        shutil.rmtree(folder / layout.CHECKPOINTS, ignore_errors=True)
+        took = time.perf_counter() - started
+        return TrialResult(number, str(folder), "PRUNED", None, {}, {}, {},
+                           {"train": took, "evaluate": 0.0, "total": took}, _curve(params, trial))
     trained = time.perf_counter()
     result = evaluate.run(tp, split="validation")
     done = time.perf_counter()
@@ -248,8 +264,16 @@ def run_trial(params: Params, values: dict[str, Any], number: int) -> TrialResul
                           f"(has: {', '.join(known)}); pick one of those")
     shutil.rmtree(folder / layout.CHECKPOINTS, ignore_errors=True)  # resumable state: done with it
     train_report = json.loads((folder / layout.report("train")).read_text())
-    return TrialResult(number, str(folder), float(value), dict(result.adapter), dict(result.base), train_report,
-                       {"train": trained - started, "evaluate": done - trained, "total": done - started})
+    return TrialResult(number, str(folder), "COMPLETE", float(value), dict(result.adapter), dict(result.base), train_report,
+                       {"train": trained - started, "evaluate": done - trained, "total": done - started},
+                       _curve(params, trial))
+
+
+def _curve(params: Params, trial) -> dict[int, float]:
+    """The validation losses the trial reported (their sign undone: tasks/sweep_trial.py)."""
+    sign = 1.0 if params.sweep.objective.direction == "minimize" else -1.0
+    mine = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+    return {int(step): sign * v for step, v in sorted(mine.intermediate_values.items())}
 
 
 def _dump(p: Params) -> dict:

@@ -5,8 +5,10 @@ Contract (runs addressed by id through tasks.tracking's client; the project's tr
   found again when a killed sweep is resumed (this process adopts it) or created.
 - `start_trial(params, parent, trial_number, values) -> run_id`: a nested run
   (`mlflow.parentRunId`) with the sampled values as params.
-- `log_trial(params, run_id, result)`: the trial's training curve (its reports/train_log.csv,
-  with step numbers), validation metrics, objective, timings; status FINISHED.
+- `log_trial(params, run_id, result)`: the trial's params.yaml, training curve (its
+  reports/train_log.csv, with step numbers), validation metrics, objective, timings; the
+  validation loss reported during training (`validation.loss_during_training`, per step);
+  status FINISHED (state COMPLETE or PRUNED).
 - `end_trial(params, run_id, state, status)`: state tag (`COMPLETE`, `FAIL`) and run status.
 - `mark_interrupted(params, parent, numbers)`: the nested runs of trials a killed sweep left
   RUNNING: state FAIL, status KILLED.
@@ -57,11 +59,13 @@ def _safe_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def start_trial(params: Params, parent: str, number: int, values: dict[str, Any]) -> str:
+def start_trial(params: Params, parent: str, number: int, values: dict[str, Any], state=None) -> str:
+    """`state`: the tasks.runstate.RunState recorded for the trial (tags `git.state_ref`, `git.state_commit`)."""
     c = tracking.client(params)
+    refs = {"git.state_ref": state.ref, "git.state_commit": state.commit} if state is not None else {}
     run = c.create_run(tracking.experiment_id(params, c), run_name=f"trial {number}",
                        tags={**tracking.process_tags(), PARENT: parent, TAG_TRIAL: str(number),
-                             TAG_STATE: "RUNNING"})
+                             TAG_STATE: "RUNNING", **refs})
     for key, value in values.items():
         c.log_param(run.info.run_id, key, value)
     return run.info.run_id
@@ -72,8 +76,16 @@ def log_trial(params: Params, run_id: str, result) -> None:
 
     c = tracking.client(params)
     now = tracking.now_ms()
+    folder = Path(result.folder)
+    c.log_artifact(run_id, str(folder / "params.yaml"))  # the trial's full params, a valid params file
+    curve = [Metric("validation.loss_during_training", v, now, int(step)) for step, v in result.curve.items()]
+    if curve:
+        c.log_batch(run_id, metrics=curve)
+    if result.state == "PRUNED":
+        end_trial(params, run_id, "PRUNED", "FINISHED")
+        return
     metrics = [Metric(f"train.{col}", v, now, step) for col, points in
-               tracking.read_train_log(Path(result.folder) / layout.TRAIN_LOG).items() for step, v in points]
+               tracking.read_train_log(folder / layout.TRAIN_LOG).items() for step, v in points]
     flat = {"objective": result.value, **{f"validation.{k}": v for k, v in result.metrics.items()},
             **{f"validation.base.{k}": v for k, v in result.base_metrics.items()},
             **{f"seconds.{k}": v for k, v in result.seconds.items()}}

@@ -44,19 +44,36 @@ def _trials(params):
         return []
 
 
+def _states_read_only(db):
+    """{trial number: state} read from the study's SQLite file without creating anything in it: a
+    poller opening the storage through Optuna would create its tables beside the sweep's own."""
+    import sqlite3
+
+    if not db.exists():
+        return {}
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+            return dict(con.execute("SELECT number, state FROM trials").fetchall())
+    except sqlite3.OperationalError:  # tables not created yet, or locked for a moment
+        return {}
+
+
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory):
     """A sweep SIGKILLed while its second trial runs, then the same command run again."""
     base = tmp_path_factory.mktemp("sweep")
-    project = small_project(base / "proj", sweep={"space": SPACE, "n_trials": N_TRIALS})
+    project = small_project(base / "proj", sweep={"space": SPACE, "n_trials": N_TRIALS,
+                                                  "pruner": {"interval_steps": 2, "max_samples": 8}})
     params = load_params(project / "params.yaml")
     env = _env(base / "prefect-home")
     first = subprocess.Popen(_cmd(project), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, start_new_session=True)
     deadline, killed_trial = time.monotonic() + 300, None
     while time.monotonic() < deadline and first.poll() is None:
-        states = {t.number: t.state.name for t in _trials(params)}
-        running = [n for n, s in states.items() if s == "RUNNING"]
+        states = _states_read_only(project / "sweeps" / "optuna.db")
+        # running, with its nested MLflow run made (the trial folder is made after it)
+        running = [n for n, s in states.items() if s == "RUNNING"
+                   and (sweep.sweep_dir(params) / f"trial-{n:04d}" / "params.yaml").is_file()]
         if "COMPLETE" in states.values() and running:
             killed_trial = running[0]
             os.killpg(first.pid, signal.SIGKILL)
@@ -75,7 +92,10 @@ def test_killed_sweep_resumes_with_no_trial_lost_or_counted_twice(resumed):
     states = {t.number: t.state.name for t in trials}
     assert states[killed] == "FAIL", states  # the interrupted one: marked failed, its slot asked again
     complete = [t for t in trials if t.state.name == "COMPLETE"]
-    assert len(complete) == N_TRIALS and "RUNNING" not in states.values(), states
+    finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == N_TRIALS and "RUNNING" not in states.values(), states
+    for t in finished:  # the validation loss reached the pruner during training, every 2 steps
+        assert sorted(t.intermediate_values) == [2, 4] or t.state.name == "PRUNED", t.intermediate_values
     assert complete[0].user_attrs.get("peftflow.default") and complete[0].number == 0
     assert complete[0].params == {"train.learning_rate": 1.0e-3, "train.peft.r": 16}  # the file's own values
     # each complete trial has its own folder with a validation evaluation
@@ -102,12 +122,15 @@ def test_parent_run_holds_one_nested_run_per_trial_and_the_study_artifacts(resum
     by_state = {}
     for run in children:
         by_state.setdefault(run.data.tags[sweep_tracking.TAG_STATE], []).append(run)
-    assert len(by_state["COMPLETE"]) == N_TRIALS and {r.info.status for r in by_state["COMPLETE"]} == {"FINISHED"}
+    finished = by_state.get("COMPLETE", []) + by_state.get("PRUNED", [])
+    assert len(finished) == N_TRIALS and {r.info.status for r in finished} == {"FINISHED"}
+    assert all(r.data.tags.get("git.state_ref", "").startswith("refs/exps/") for r in finished)
     assert [r.data.tags[sweep_tracking.TAG_TRIAL] for r in by_state["FAIL"]] == [str(killed)]
     assert by_state["FAIL"][0].info.status == "KILLED"
     done = by_state["COMPLETE"][0]
     assert {"train.learning_rate", "train.peft.r"} <= set(done.data.params)
     assert "objective" in done.data.metrics and len(c.get_metric_history(done.info.run_id, "train.loss")) > 1
+    assert [m.step for m in c.get_metric_history(done.info.run_id, "validation.loss_during_training")] == [2, 4]
     names = {f.path for f in c.list_artifacts(parent, "sweep")}
     assert {"sweep/study.json", "sweep/trials.csv", "sweep/optimization_history.png",
             "sweep/param_importances.png"} <= names
@@ -124,7 +147,7 @@ def test_trials_never_read_the_test_split(resumed):
 
     folders = sorted(sweep.sweep_dir(params).glob("trial-*"))
     scored = [f for f in folders if (f / layout.PREDICTIONS).is_file()]
-    assert len(scored) >= N_TRIALS
+    assert len(scored) >= sum(t.state.name == "COMPLETE" for t in _trials(params)) >= 2
     for folder in folders:  # the test split is not even visible to a trial
         assert sorted(p.name for p in (folder / layout.PROCESSED).iterdir()) == ["dataset_dict.json", "train",
                                                                                  "validation"]
