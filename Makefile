@@ -12,7 +12,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 # (standard library only, so this works before .venv exists); a value already set wins.
 $(foreach kv,$(shell cd $(dir $(abspath $(lastword $(MAKEFILE_LIST)))) && python3 -m tasks.cli env),$(eval export $(kv)))
 
-.PHONY: setup ci-tools run reproduce test test-fast test-gpu ui prefect-ui lock clean help
+.PHONY: setup ci-tools run sweep reproduce serve test test-fast test-gpu ui prefect-ui lock clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -33,6 +33,10 @@ run: PARAMS ?= params.yaml
 run: setup  ## run the whole pipeline on the embedded default (SmolLM2 + Rotten Tomatoes); PARAMS=<project>/params.yaml for another project, VERBOSE=1 for every library message
 	$(PY) -m flows.finetune --params $(PARAMS) $(if $(VERBOSE),--verbose)
 
+sweep: PARAMS ?= examples/sweep/params.yaml
+sweep: setup  ## hyperparameter search (params sweep:) on the validation split; PARAMS=<project>/params.yaml, PROMOTE=1 to run finetune with the best
+	$(PY) -m flows.sweep --params $(PARAMS) $(if $(PROMOTE),--promote-best)
+
 reproduce: PARAMS ?= params.yaml
 reproduce: setup  ## rebuild a registered version from its recorded state and compare: MODEL=<name> VERSION=<n>|@<alias> [PARAMS=<project>/params.yaml]
 	@test -n "$(MODEL)" -a -n "$(VERSION)" || { echo "usage: make reproduce MODEL=<registered model> VERSION=<n>|@<alias>"; exit 2; }
@@ -50,6 +54,10 @@ test-fast: setup  ## unit tests only
 test-gpu: setup  ## GPU tests (needs CUDA; installs requirements-gpu.txt)
 	$(PIP) install -q -r requirements-gpu.txt
 	$(PY) -m pytest -m gpu tests/gpu
+
+serve: PARAMS ?= params.yaml
+serve: setup  ## serve the champion on http://127.0.0.1:5001 (verified, blue/green; the servers keep running); `python -m flows.deploy --status`
+	$(PY) -m flows.deploy --params $(PARAMS) --alias champion --port $(or $(PORT),5001)
 
 ui: setup  ## MLflow UI on the embedded store: http://127.0.0.1:5000
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
