@@ -72,7 +72,7 @@ def difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray], metric: str, 
 
 def fair_reference(base: dict[str, np.ndarray], metric: str, n_classes: int) -> tuple[dict[str, np.ndarray], str]:
     """(reference table, name of the base predictor it uses) for comparing an adapter on `metric`."""
-    if metric not in ("accuracy", "f1_macro"):
+    if metric not in ("accuracy", "f1_macro") or "pred" not in base:  # no label predictions (e.g. preference pairs)
         return base, "base"
     best, best_value = "pred", None
     for column in ("pred", "pred_norm", "pred_cal", "majority"):

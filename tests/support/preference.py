@@ -19,7 +19,8 @@ PAIR_OVERRIDES = {
                    "max_length": 128, "split": {"group_by": None, "validation": 0.1, "test": 0.25}},
     "train": {"objective": "dpo", "fast_path": False, "beta": 0.5, "warmup_steps": 0, "lr_scheduler": "constant",
               "learning_rate": 5.0e-3},
-    "register": {"primary_metric": "preference_accuracy"},
+    "evaluate": {"bootstrap": {"resamples": 200}, "generation_samples": 1},
+    "register": {"primary_metric": "preference_accuracy", "guards": {}},  # no labels: f1_macro cannot guard
 }
 
 
