@@ -113,7 +113,8 @@ class MergeConfig(Section):
 # here so that params naming a metric are checked at load time.
 METRIC_NAMES = ("accuracy", "accuracy_norm", "accuracy_calibrated", "majority_rate", "f1_macro", "loss", "perplexity",
                 "exact_match", "token_f1", "rouge_l", "chrf", "embedding_similarity", "length", "length_ratio",
-                "preference_accuracy", "logp_accuracy", "reward_margin")  # the last three: preference pairs (tasks/preference_eval.py)
+                # preference pairs (tasks/preference_eval.py)
+                "preference_accuracy", "logp_accuracy", "reward_margin")
 
 
 def _check_metric(name: str) -> str:
@@ -201,7 +202,8 @@ class Params(Section):
     def _objective_fits_format(self) -> Params:
         if self.train.objective != "sft" and self.preprocess.format != "preference":
             raise ValueError(f"train.objective {self.train.objective!r} trains on preference pairs: set "
-                             f"preprocess.format: preference (it is {self.preprocess.format!r}), or train.objective: sft")
+                             f"preprocess.format: preference (it is {self.preprocess.format!r}), or "
+                             "train.objective: sft")
         return self
 
 

@@ -51,7 +51,7 @@ class EvalSet:
     label_pairs: list[list[tuple[list[int], list[int]]]] = field(default_factory=list)  # [row][label]
     content_free: list[list[tuple[list[int], list[int]]]] = field(default_factory=list)  # [prompt][label]
     class_inputs: list[list[int]] = field(default_factory=list)  # content-free inputs of a class head
-    pairs: list = field(default_factory=list)  # preference format: (chosen, rejected) sequences (tasks/preference_eval.py)
+    pairs: list = field(default_factory=list)  # preference: (chosen, rejected) sequences (tasks/preference_eval.py)
 
 
 @dataclass(frozen=True)

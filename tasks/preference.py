@@ -185,7 +185,8 @@ def encode_rows(tokenizer, cfg: PreprocessConfig, rows: list[dict], dropped: dic
             dropped["too_long"] = dropped.get("too_long", 0) + 1
             continue
         except TemplateError as err:
-            raise DataError(f"row {r['number']} (counted from 0): the chat template refused the prompt: {err}") from None
+            raise DataError(f"row {r['number']} (counted from 0): the chat template refused the prompt: "
+                            f"{err}") from None
         n = len(enc["prompt_ids"])
         kept.append({**r, **enc, "input_ids": enc["prompt_ids"] + enc["chosen_ids"],
                      "labels": [encoding.IGNORE] * n + enc["chosen_ids"], "target": pair.chosen,
