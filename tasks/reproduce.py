@@ -3,8 +3,8 @@
 Contract of `run(params, model, version, workdir=None, keep=False) -> ReproReport`:
 - `params`: the project the command runs in (a clone of the version's git repository); only its
   MLflow store (MLFLOW_TRACKING_URI wins), its git remotes and its DVC remotes are used;
-- `version`: a number or `@alias`. The version's tags name the state (`peftflow.state.commit`,
-  `.ref`, `.dir`: tasks/sharing.py); a commit the clone lacks is fetched from the git remote;
+- `version`: a number or `@alias`. The version's tags name the state (`git.state_commit`,
+  `git.state_ref`, `git.state_dir`: tasks/sharing.py); a commit the clone lacks is fetched from the git remote;
 - a fresh `git worktree add --detach` of that commit under `workdir` (default: a new temporary
   folder), given the project's DVC remotes (`.dvc/config.local`), then `dvc pull` of its `.dvc`
   pointers (checked first: a remote that lacks an object is a DataError naming path, md5, remote),

@@ -23,7 +23,8 @@ from pathlib import Path
 from tasks import runstate, versioning
 from tasks.errors import PeftflowError
 
-TAG_REF, TAG_COMMIT, TAG_DIR, TAG_NAME = "peftflow.state.ref", "peftflow.state.commit", "peftflow.state.dir", "peftflow.state.name"
+# The same names a sweep trial's MLflow run carries (tasks/sweep_tracking.py), next to lineage's git.commit.
+TAG_REF, TAG_COMMIT, TAG_DIR, TAG_NAME = "git.state_ref", "git.state_commit", "git.state_dir", "git.state_name"
 TAG_STATE_REMOTE, TAG_STATE_SHARED = "peftflow.state.remote", "peftflow.state.shared"
 TAG_DATA_REMOTE, TAG_DATA_SHARED = "peftflow.data.remote", "peftflow.data.shared"
 TAG_WARNING = "peftflow.share.warning"

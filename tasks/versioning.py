@@ -241,10 +241,18 @@ def init_project(root: Path, remote_dir: Path | None = None) -> list[str]:
 
 
 def pointers(root: Path) -> list[str]:
-    """The project's `.dvc` pointer files (data DVC tracks outside dvc.yaml), relative to root."""
+    """The project's `.dvc` pointer files (data DVC tracks outside dvc.yaml), relative to root.
+    Hidden folders (.venv, .git, .dvc) and nested DVC projects (a folder with its own .dvc/) are
+    not walked: their pointers are not this project's."""
+    import os
+
     root = Path(root)
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*.dvc")
-                  if p.is_file() and ".dvc" not in p.relative_to(root).parts[:-1])
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__"
+                   and not (Path(folder) / d / ".dvc").is_dir()]
+        found += [str((Path(folder) / f).relative_to(root)) for f in files if f.endswith(".dvc")]
+    return sorted(found)
 
 
 def remote_url(root: Path, remote: str | None = None) -> tuple[str, str]:

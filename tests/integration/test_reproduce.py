@@ -20,7 +20,6 @@ from conftest import REPO, git
 from support.projects import small_project, write_reviews
 from tasks import layout, runstate, sharing, tracking
 from tasks.config import load_params
-from tasks.errors import DataError
 
 pytestmark = pytest.mark.integration
 
@@ -120,29 +119,33 @@ def teammate(team):
     return clone
 
 
-def test_a_remote_that_lacks_the_data_fails_naming_the_md5_and_the_remote(team, teammate, monkeypatch, tmp_path):
-    from tasks import reproduce
+def _reproduce_cli(team, clone, version: str) -> subprocess.CompletedProcess:
+    params = team["params"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(params), "PREFECT_API_URL": team["prefect_url"]}
+    return subprocess.run([sys.executable, "-m", "flows.reproduce", params.register.model_name, version,
+                           "--params", str(clone / "params.yaml")], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900)
 
+
+def test_a_remote_that_lacks_the_data_fails_in_one_line_naming_the_md5_and_the_remote(team, teammate, tmp_path):
     empty = tmp_path / "empty-remote"
     empty.mkdir()
     _dvc(teammate, "remote", "add", "--local", "--force", "local", str(empty))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.tracking_uri(team["params"]))
     try:
-        with pytest.raises(DataError) as err:
-            reproduce.run(load_params(teammate / "params.yaml"), team["params"].register.model_name, "1")
+        done = _reproduce_cli(team, teammate, "1")
     finally:
         (teammate / ".dvc" / "config.local").unlink()
-    message = str(err.value)
-    assert team["tags_v1"]["data.md5"] in message and str(empty) in message and "\n" not in message
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert team["tags_v1"]["data.md5"] in errors[0] and str(empty) in errors[0] and "dvc push" in errors[0]
     assert _version(team["params"], "1").tags["peftflow.reproduced"].startswith("error: DVC remote local")
+    assert git(teammate, "worktree", "list").count("\n") == 1, "the failed attempt's worktree is removed"
 
 
 def test_a_teammates_clone_reproduces_v1_with_its_old_data_from_the_cli(team, teammate):
     params = team["params"]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(params), "PREFECT_API_URL": team["prefect_url"]}
-    done = subprocess.run([sys.executable, "-m", "flows.reproduce", params.register.model_name, "1",
-                           "--params", str(teammate / "params.yaml")], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=900)
+    done = _reproduce_cli(team, teammate, "1")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "reproduced" in done.stdout and "MISMATCH" not in done.stdout
     tags = _version(params, "1").tags
@@ -175,3 +178,21 @@ def test_record_leaves_head_index_and_working_tree_alone(tmp_path):
     assert git(repo, "show", f"{state.commit}:code.py") == "x = 2\n"
     assert set(git(repo, "ls-tree", "--name-only", state.commit).split()) == {"code.py", "dvc.lock", "dvc.yaml", "staged.py"}
     assert runstate.git_state(repo)["git.dirty"] == "true"
+
+
+def test_a_first_run_before_any_commit_and_a_project_outside_git_are_recorded_or_flagged(tmp_path):
+    repo = tmp_path / "fresh"
+    repo.mkdir()
+    git(repo, "init", "-q")  # what `python -m tasks.project new` leaves: no commit yet
+    (repo / "params.yaml").write_text("seed: 1\n")
+    (repo / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    state = runstate.record(repo, "first")
+    assert state.baseline == "" and state.dirty
+    assert state.ref == f"refs/exps/{state.commit[:2]}/{state.commit[2:]}/first"  # its own baseline
+    assert set(git(repo, "ls-tree", "--name-only", state.commit).split()) == {"dvc.lock", "params.yaml"}
+    assert git(repo, "status", "--porcelain") == "?? dvc.lock\n?? params.yaml\n"
+
+    outside = tmp_path / "no-git"
+    outside.mkdir()
+    tags = sharing.record_for_version(outside, "m", "0" * 64)
+    assert tags[sharing.TAG_STATE_SHARED] == "false" and "git init" in sharing.warnings(tags)[0]
