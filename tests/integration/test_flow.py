@@ -1,8 +1,10 @@
 """The finetune flow end to end under a real (temporary) Prefect server, on a tiny real project.
 
 Two CLI runs at once (what `make run` starts) share one server, train and register once and
-leave `dvc status` clean; a rerun skips every DVC stage and registers nothing new; changed data
-under the same path reruns; a broken params file fails at the first task and nothing runs.
+leave `dvc status` clean, each printing a short terminal output without library warnings or
+per-step loss dicts, and tag the version with its device-hours and cost; a rerun skips every DVC
+stage and registers nothing new; changed data under the same path reruns; a broken params file
+fails at the first task and nothing runs.
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ DVC_STAGES = ["preprocess", "train", "evaluate", "merge"]
 def first_run(tmp_path_factory):
     """Two `python -m flows.finetune` processes started at once on one fresh project (what
     `make run` runs), with no Prefect server up: they must share one temporary server."""
-    project = small_project(tmp_path_factory.mktemp("flow") / "proj")
+    project = small_project(tmp_path_factory.mktemp("flow") / "proj", register={"cost_per_device_hour": 2.5})
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home-cli"))
     cmd = [sys.executable, "-m", "flows.finetune", "--params", str(project / "params.yaml")]
-    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for _ in range(2)]
-    outputs = [p.communicate(timeout=1200)[0] for p in procs]
+    # bytes, decoded as is: text mode would turn a progress bar's \r redraws into newlines
+    outputs = [p.communicate(timeout=1200)[0].decode(errors="replace") for p in procs]
     return project, [p.returncode for p in procs], outputs
 
 
@@ -48,6 +51,15 @@ def test_two_runs_at_once_share_a_server_register_once_and_leave_dvc_clean(first
         assert "model version" in out and "make prefect-ui" in out and "dvc repro" in out
         # no library output that captures sys.stdout leaks into the log (dill's disassembly did)
         assert "LOAD_GLOBAL" not in out, out[-3000:]
+        # quiet by default (issue N3): no library warnings, no per-step loss dicts, no row-by-row bars;
+        # the whole run fits well inside two screens (~100 lines)
+        lines = out.split("\n")  # terminal lines: a progress bar redraws itself with \r on one line
+        assert len(lines) <= 80, f"{len(lines)} lines:\n{out}"
+        assert not [line for line in lines if "Warning" in line or "{'loss'" in line or "Saving the dataset" in line
+                    or "Loading weights" in line], out
+        assert "device-hours, cost" in out
+    # the warnings went to the project's log file instead of the terminal
+    assert "FutureWarning" in (project / ".dvc" / "tmp" / "peftflow.log").read_text()
     for stage in ["ingest", *DVC_STAGES, "register"]:
         assert (project / layout.report(stage)).is_file(), stage
     assert (project / layout.PREDICTIONS).is_file() and (project / layout.TRAIN_LOG).is_file()
@@ -61,6 +73,11 @@ def test_two_runs_at_once_share_a_server_register_once_and_leave_dvc_clean(first
     runs = c.search_runs([tracking.experiment_id(params, c)])
     assert len(runs) == 2 and {r.data.tags.get("registered.version") for r in runs} == {"1"}
     assert {r.info.status for r in runs} == {"FINISHED"}
+    # device-hours (train wall time x devices) and their cost at register.cost_per_device_hour
+    tags = c.get_model_version(params.register.model_name, "1").tags
+    train = json.loads((project / layout.report("train")).read_text())
+    assert float(tags["peftflow.device_hours"]) == pytest.approx(train["wall_seconds"] / 3600, rel=1e-4)
+    assert float(tags["peftflow.cost"]) == pytest.approx(2.5 * float(tags["peftflow.device_hours"]), rel=1e-4)
 
 
 def test_rerun_skips_every_stage_registers_nothing_new_and_publishes_artifacts(first_run, prefect_api):
