@@ -123,6 +123,7 @@ def predictions_table(root: Path, limit: int = 50, width: int = 300) -> list[dic
 
 def print_table(s: RunSummary, console=None) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
@@ -142,7 +143,7 @@ def print_table(s: RunSummary, console=None) -> None:
     facts.add_row("alias", s.alias or "none")
     facts.add_row("gate", s.gate or "–")
     for w in s.warnings:
-        facts.add_row("[yellow]warning[/]", w)
+        facts.add_row("[yellow]warning[/]", escape(w))  # a message may hold [brackets]
     if s.run_url:
         facts.add_row("MLflow run", s.run_url)
     facts.add_row("data", f"md5 {s.data_md5}, {s.data_rows} rows")
