@@ -55,6 +55,7 @@ def reproduce(model: str, version: str, params: str = "params.yaml", workdir: st
 
 def print_report(report: dict) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     verdict = "reproduced" if report["reproduced"] else "NOT reproduced"
@@ -63,7 +64,7 @@ def print_report(report: dict) -> None:
     for col in ("check", "expected", "rebuilt", "result"):
         table.add_column(col)
     for c in report["checks"]:
-        table.add_row(c["name"], c["expected"], c["actual"],
+        table.add_row(escape(c["name"]), escape(c["expected"]), escape(c["actual"]),
                       "match" if c["ok"] else "MISMATCH" if c["required"] else "differs (informative)")
     Console().print(table)
 
