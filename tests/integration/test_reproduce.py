@@ -196,3 +196,22 @@ def test_a_first_run_before_any_commit_and_a_project_outside_git_are_recorded_or
     outside.mkdir()
     tags = sharing.record_for_version(outside, "m", "0" * 64)
     assert tags[sharing.TAG_STATE_SHARED] == "false" and "git init" in sharing.warnings(tags)[0]
+
+
+def test_a_project_in_a_subfolder_records_its_pointers_and_its_code_deps_outside_it(tmp_path):
+    repo = tmp_path / "checkout"
+    (repo / "tasks").mkdir(parents=True)
+    (repo / "examples" / "chat" / "data").mkdir(parents=True)
+    git(repo, "init", "-q")
+    (repo / "README").write_text("x\n")
+    git(repo, "add", ".")
+    git(repo, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init")
+    (repo / "tasks" / "train.py").write_text("# new, untracked stage code\n")
+    (repo / "tasks" / "scratch.py").write_text("# untracked, no stage names it\n")
+    project = repo / "examples" / "chat"
+    (project / "dvc.lock").write_text("schema: '2.0'\nstages:\n  train:\n    cmd: python -m tasks train\n"
+                                      "    deps:\n    - path: ../../tasks/train.py\n      md5: 0\n")
+    (project / "data" / "raw.parquet.dvc").write_text("outs:\n- md5: 1\n  path: raw.parquet\n")
+    state = runstate.record(project, "chat-1")
+    assert state.subdir == "examples/chat"
+    assert set(state.added) == {"examples/chat/dvc.lock", "examples/chat/data/raw.parquet.dvc", "tasks/train.py"}
