@@ -23,6 +23,7 @@ logged, and DeployError is raised with the reason. No Prefect here: flows/deploy
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -187,7 +188,8 @@ def deploy(params: Params, name: str | None = None, alias: str = promote.CHAMPIO
             if target.kind == "vllm":
                 vllm_target.check_fits(adapter_dir, target.max_lora_rank)
             with tempfile.TemporaryDirectory() as tmp:
-                smoke = deploy_smoke.check(params, mv, adapter_dir, model_dir, Path(tmp), smoke_rows, tolerance)
+                smoke = deploy_smoke.check(params, mv, adapter_dir, model_dir, Path(tmp), smoke_rows, tolerance,
+                                           generate=target.kind != "mlflow")
             published = _publish(params, folder, name, alias, version, model_dir, adapter_dir,
                                  _smoke_prompt(params), target, previous)
         except PeftflowError as err:
@@ -200,6 +202,7 @@ def deploy(params: Params, name: str | None = None, alias: str = promote.CHAMPIO
         client.set_model_version_tag(name, version, TAG_DEPLOYED_AT, entry["time"])
         client.set_model_version_tag(name, version, TAG_DEPLOYED_TARGET, target.kind)
         endpoint = published["endpoint"]
+        smoke = dataclasses.replace(smoke, reply=smoke.reply or published.get("reply", ""))
         _append_log(folder, {**entry, "status": "deployed", "endpoint": endpoint,
                              "smoke": asdict(smoke), **{k: published[k] for k in ("lora_name", "port") if k in published}})
         return DeployResult(name, alias, target.kind, version, "deployed", endpoint, previous, asdict(smoke),

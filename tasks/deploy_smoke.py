@@ -8,7 +8,9 @@ Contract:
 - `check(params, mv, adapter_dir, model_dir, dst, rows, tolerance) -> SmokeResult`: scores the
   downloaded (hash-checked) adapter on the first `rows` recorded test rows through the same code
   path evaluation used (tasks/evalset.py) and compares the primary metric on those rows with the
-  recorded one; then asks the registered pyfunc (the folder that will be served) for one reply.
+  recorded one; then (`generate`) asks the registered pyfunc (the folder that will be served) for
+  one reply. The mlflow target passes generate=False: its new server must answer a smoke request
+  before it is switched to, which is the same check on the served process itself.
 Raises DeployError (a PeftflowError: the deploy fails with this reason and rolls back) when the
 version's data (`data.md5` tag) is not this project's data, the recorded table is missing or does
 not match its tag, the metric is off by more than `tolerance`, or generation does not answer.
@@ -102,7 +104,7 @@ def generate_reply(model_dir: Path, prompt: str) -> str:
 
 
 def check(params: Params, mv, adapter_dir: Path, model_dir: Path, dst: Path, rows: int = 5,
-          tolerance: float = 0.02) -> SmokeResult:
+          tolerance: float = 0.02, generate: bool = True) -> SmokeResult:
     """See the module docstring."""
     want, have = mv.tags.get("data.md5"), _data_md5(params)
     if not want or want != have:
@@ -118,4 +120,5 @@ def check(params: Params, mv, adapter_dir: Path, model_dir: Path, dst: Path, row
     if was is None or now is None or abs(now - was) > tolerance:
         raise DeployError(f"smoke check failed: on its first {k} recorded test rows version {mv.version} scores "
                           f"{metric} {now}, it was registered with {was} there (tolerance {tolerance})")
-    return SmokeResult(metric, list(recorded_rows[:k]), float(was), float(now), generate_reply(model_dir, prompt))
+    reply = generate_reply(model_dir, prompt) if generate else ""
+    return SmokeResult(metric, list(recorded_rows[:k]), float(was), float(now), reply)

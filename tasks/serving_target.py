@@ -176,7 +176,7 @@ def publish(folder: Path, name: str, alias: str, version: str, model_dir: Path, 
                   "--env-manager", "local", "-h", HOST, "-p", str(port), "-w", "1"], log)
     try:
         _wait(f"http://{HOST}:{port}/ping", pid, timeout_s, log)
-        smoke_request(port, prompt)
+        reply = smoke_request(port, prompt)[0]
     except BaseException:
         stop_pid(pid)
         raise
@@ -186,7 +186,7 @@ def publish(folder: Path, name: str, alias: str, version: str, model_dir: Path, 
     if old and old.get("pid") != pid:
         time.sleep(DRAIN_S)
         stop_pid(old.get("pid"))
-    return {**state, "endpoint": endpoint}
+    return {**state, "endpoint": endpoint, "reply": reply}
 
 
 def stop(folder: Path, name: str, alias: str) -> None:

@@ -99,6 +99,20 @@ def test_a_corrupted_or_non_reproducing_version_is_rolled_back(stack):
     assert [e["status"] for e in entries if e["version"] in (stack.v[3], stack.v[4])] == ["failed", "failed"]
 
 
+def settle(stack: Stack) -> int:
+    """Wait until every deploy run is final and none was added for 5 s (a rollback's own alias move
+    triggers one more, idempotent, run); the number of runs."""
+    seen, since, deadline = -1, time.monotonic(), time.monotonic() + 240
+    while time.monotonic() < deadline:
+        runs = stack.deploy_runs()[1]
+        if len(runs) != seen or not all(r.state.is_final() for r in runs):
+            seen, since = len(runs), time.monotonic()
+        elif time.monotonic() - since > 5:
+            return seen
+        time.sleep(1)
+    raise AssertionError("deploy runs did not settle within 240 s")
+
+
 def _delivery(name: str, alias: str, version: str, timestamp: int | None = None):
     body = json.dumps({"entity": "model_version_alias", "action": "created", "timestamp": "now",
                        "data": {"name": name, "alias": alias, "version": version}})
@@ -109,7 +123,7 @@ def _delivery(name: str, alias: str, version: str, timestamp: int | None = None)
 
 def test_unsigned_wrongly_signed_or_replayed_deliveries_are_refused(stack):
     url = f"{stack.receiver_url}/mlflow-webhook"
-    _, before = stack.deploy_runs()
+    before, logged = settle(stack), len(deploy.read_log(stack.folder))
     body, headers, delivery, ts = _delivery(stack.name, "champion", stack.v[1])
     assert requests.post(url, data=body, headers=headers, timeout=10).status_code == 401  # unsigned
     wrong = {**headers, "X-MLflow-Signature": sign("not-the-secret", delivery, ts, body)}
@@ -123,7 +137,8 @@ def test_unsigned_wrongly_signed_or_replayed_deliveries_are_refused(stack):
     assert requests.post(url, data=body, headers=headers, timeout=10).status_code == 200
     assert requests.post(url, data=body, headers=headers, timeout=10).status_code == 401
     time.sleep(5)
-    assert len(stack.deploy_runs()[1]) == len(before) and stack.served() == stack.v[2]
+    assert len(stack.deploy_runs()[1]) == before and stack.served() == stack.v[2]
+    assert len(deploy.read_log(stack.folder)) == logged
 
 
 def test_two_quick_moves_end_serving_the_last(stack):
@@ -205,20 +220,27 @@ def test_moving_champion_in_the_mlflow_ui_deploys_it(stack, tmp_path):
 def test_vllm_target_loads_through_the_documented_api(stack, tmp_path):
     from support.deploying import VllmRecorder
 
-    with VllmRecorder() as vllm:
-        target = deploy.Target("vllm", vllm_url=vllm.url, lora_dir=str(tmp_path / "loras"), max_lora_rank=16)
-        first = deploy.deploy(stack.params, target=target)
+    if stack.champion() is None:  # run alone (-k vllm): nothing moved yet
         promote.promote(stack.name, stack.v[1], stack.params)
-        second = deploy.deploy(stack.params, target=target)
-        assert (first.status, second.status) == ("deployed", "deployed")
+    first = stack.champion()
+    other = stack.v[2] if first != stack.v[2] else stack.v[1]
+    loras = tmp_path / "loras"
+    with VllmRecorder() as vllm:
+        target = deploy.Target("vllm", vllm_url=vllm.url, lora_dir=str(loras), max_lora_rank=16)
+        assert deploy.deploy(stack.params, target=target).status == "deployed"
+        promote.promote(stack.name, other, stack.params)
+        assert deploy.deploy(stack.params, target=target).status == "deployed"
+        assert deploy.deploy(stack.params, target=target).status == "unchanged"
+        name = vllm_target.lora_name
         assert vllm.requests == [
-            ("/v1/load_lora_adapter", {"lora_name": vllm_target.lora_name(stack.name, stack.v[2]),
-                                       "lora_path": str(tmp_path / "loras" / f"{stack.name}-v{stack.v[2]}")}),
-            ("/v1/load_lora_adapter", {"lora_name": vllm_target.lora_name(stack.name, stack.v[1]),
-                                       "lora_path": str(tmp_path / "loras" / f"{stack.name}-v{stack.v[1]}")}),
-            ("/v1/unload_lora_adapter", {"lora_name": vllm_target.lora_name(stack.name, stack.v[2])})]
-        assert (tmp_path / "loras" / f"{stack.name}-v{stack.v[1]}" / "adapter_config.json").is_file()
+            ("/v1/load_lora_adapter", {"lora_name": name(stack.name, first), "lora_path": str(loras / name(stack.name, first))}),
+            ("/v1/load_lora_adapter", {"lora_name": name(stack.name, other), "lora_path": str(loras / name(stack.name, other))}),
+            ("/v1/unload_lora_adapter", {"lora_name": name(stack.name, first)})]
+        assert vllm.loaded == {name(stack.name, other): str(loras / name(stack.name, other))}
+        assert (loras / name(stack.name, other) / "adapter_config.json").is_file()
+        # a rank above the server's limit is refused before any request; champion returns to `other`
+        promote.promote(stack.name, stack.v[5], stack.params)
         with pytest.raises(DeployError, match="max-lora-rank 2"):
-            promote.promote(stack.name, stack.v[5], stack.params)
-            deploy.deploy(stack.params, target=deploy.Target("vllm", vllm_url=vllm.url, max_lora_rank=2))
-        assert len(vllm.requests) == 3
+            deploy.deploy(stack.params, target=deploy.Target("vllm", vllm_url=vllm.url, lora_dir=str(loras),
+                                                             max_lora_rank=2))
+        assert len(vllm.requests) == 3 and stack.champion() == other
