@@ -248,7 +248,10 @@ def _gate(client, params: Params, name: str, version: str, evaluation: dict) -> 
     decision = gate.decide(primary, guards, ref_label, cfg.min_delta, dict(cfg.guards))
     reason = decision.reason if current else f"no champion yet: {decision.reason}"
     promoted = False
-    if decision.promote:
+    if decision.promote and cfg.approval == "manual":
+        reason += (f"; not applied: register.approval is manual, so champion is left for a person to move "
+                   f"(challenger = v{version})")
+    elif decision.promote:
         move = promote.move_champion(client, name, version, current, reason)
         promoted = move.moved
         if not move.moved:
