@@ -28,7 +28,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tasks import atomic, gate, layout, models, predictions, processed, promote, registry, tracking
+from tasks import atomic, gate, layout, models, predictions, processed, promote, registry, sharing, tracking
 from tasks.adapters import adapter_sha256
 from tasks.config import Params
 from tasks.errors import ModelError, PeftflowError
