@@ -1,6 +1,6 @@
 """Benchmark of the sweep flow: wall time, trials per hour, what Prefect + MLflow + Optuna add per trial.
 
-    .venv/bin/python bench/sweep_overhead.py [--tiny] [--trials N] [--out FOLDER]
+    .venv/bin/python bench/sweep_overhead.py [--tiny] [--trials N] [--concurrency K] [--out FOLDER]
 
 Makes a fresh project from examples/sweep (`python -m tasks.project new`), runs `python -m
 flows.sweep` on it once (a fresh study) and reads the study and its MLflow runs back:
@@ -43,6 +43,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--trials", type=int, default=None)
+    ap.add_argument("--concurrency", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     folder = (args.out or Path(tempfile.mkdtemp(prefix="sweep-bench-"))) / "project"
@@ -53,6 +54,8 @@ def main() -> int:
     over = dict(TINY) if args.tiny else {}
     if args.trials:
         over = merge(over, {"sweep": {"n_trials": args.trials}})
+    if args.concurrency:
+        over = merge(over, {"sweep": {"concurrency": args.concurrency}})
     (folder / "params.yaml").write_text(yaml.safe_dump(merge(params, over), sort_keys=False))
     started = time.perf_counter()
     run = subprocess.run([py, "-m", "flows.sweep", "--params", str(folder / "params.yaml")], cwd=REPO,

@@ -35,6 +35,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.futures import as_completed  # noqa: E402
+from prefect.task_runners import ProcessPoolTaskRunner  # noqa: E402
 
 from flows import runtime, stages  # noqa: E402
 from tasks import sweep as sweeps  # noqa: E402
@@ -43,9 +44,11 @@ from tasks.config import Params, load_params  # noqa: E402
 
 
 @task(name="trial", task_run_name="trial {number}", cache_policy=NO_CACHE, retries=0)
-def trial(params: Params, parent: str, number: int, optuna_trial) -> dict:
+def trial(params: Params, parent: str, number: int, trial_id: int) -> dict:
     """Train + evaluate one trial on the validation split in its own folder; its nested MLflow run,
-    tagged with the project's state (code, params.yaml, dvc.lock) recorded as a git ref."""
+    tagged with the project's state (code, params.yaml, dvc.lock) recorded as a git ref. Takes the
+    trial's storage id, not the Trial object, so it runs in a worker process as well as in a thread."""
+    optuna_trial = sweeps.reopen_trial(params, trial_id)
     values = dict(optuna_trial.params)
     state = runstate.record(params.root, f"{sweeps.study_name(params)}-trial-{number}")
     run_id = sweep_tracking.start_trial(params, parent, number, values, state)
@@ -72,7 +75,7 @@ def _drive(cfg: Params, study, parent: str) -> None:
         while failure is None and len(running) < cfg.sweep.concurrency and \
                 sweeps.finished(study) + len(running) < cfg.sweep.n_trials:
             t = sweeps.ask(study, cfg)
-            running[trial.submit(cfg, parent, t.number, t)] = t
+            running[trial.submit(cfg, parent, t.number, t._trial_id)] = t  # the storage's id of the trial
         if not running:
             break
         future = next(as_completed(list(running)))
@@ -142,8 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--promote-best", action="store_true",
                         help="write the best values into params.yaml and run the finetune flow with them")
     args = parser.parse_args(argv)
-    sweeps.check_space(load_params(args.params))  # a bad space fails here, before a Prefect server starts
-    info = runtime.run_flow(sweep, {"params": args.params, "promote_best": args.promote_best})
+    cfg = load_params(args.params)
+    sweeps.check_space(cfg)  # a bad space fails here, before a Prefect server starts
+    # One trial at a time runs in this process; several run in worker processes: model loading
+    # and seeding in transformers are process-global, so trials in threads would collide.
+    flow_fn = sweep if cfg.sweep.concurrency == 1 else \
+        sweep.with_options(task_runner=ProcessPoolTaskRunner(max_workers=cfg.sweep.concurrency))
+    info = runtime.run_flow(flow_fn, {"params": args.params, "promote_best": args.promote_best})
     print(json.dumps({k: v for k, v in info.items() if k != "promoted"}, indent=2, default=str))
     return 0
 

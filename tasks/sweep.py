@@ -195,6 +195,13 @@ def ask(study, params: Params):
     return trial
 
 
+def reopen_trial(params: Params, trial_id: int):
+    """The running trial `trial_id` of the sweep's study, opened from the storage (in any process)."""
+    import optuna
+
+    return optuna.trial.Trial(open_study(params), trial_id)
+
+
 def _current_values(params: Params, keys: list[str]) -> dict[str, Any]:
     out = {}
     for key in keys:
