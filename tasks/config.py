@@ -105,7 +105,9 @@ class MergeConfig(Section):
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Saved dtype of the merged model; `auto` = the base model's dtype."
     )
-    tolerance: float = Field(1.0e-4, gt=0, description="Max |logit diff| merged vs base+adapter, in fp32.")
+    tolerance: float = Field(1.0e-4, gt=0, description=(
+        "Max |logit diff| of the merged model vs base + adapter, end to end, for an fp32 merge; a bf16/fp16 "
+        "merge scales it by eps(dtype)/eps(fp32). Each adapted layer is also checked on its own in float64."))
     parity_samples: int = Field(8, ge=1, description="Held-out rows used for the parity check.")
 
 

@@ -6,14 +6,17 @@ Writes (atomically): `models/merged/` (safetensors + config + tokenizer + `MERGE
 `reports/merge.json`.
 Raises DataError (tasks/processed.py): processed test split or label names missing.
 Raises ModelError: adapter missing, for a different base, with NaN/inf weights; `model.base` is a
-merged model that already contains this adapter; merged logits differ from base + adapter by more
-than `merge.tolerance` (then nothing is left under `models/merged/`).
+merged model that already contains this adapter; the merge fails its parity check (then nothing is
+left under `models/merged/`).
 
-Steps: check every adapter tensor is finite; load the base in fp32 on CPU; load the adapter; take
-reference logits on the first `parity_samples` held-out test rows; `merge_and_unload(safe_merge=True)`
-in fp32; take merged logits (before any cast) and record `max_abs_logit_diff`; cast to `merge.dtype`
-(`auto` = the base's saved dtype); save; reload the saved folder and check every weight came back
-unchanged (catches weights saved under wrong names, which would load as fresh random weights).
+Steps: check every adapter tensor is finite; load the base on CPU in the dtype it is saved in
+(`merge.dtype`, `auto` = the base's saved dtype); load the adapter; merge layer by layer with a
+float64 check of each layer on real inputs of the first `parity_samples` held-out test rows, and
+an end-to-end logit check in the working dtype (tasks/merge_parity.py; no float64 copy of the
+model, so peak memory stays near one copy); save; reload the saved folder and check every tensor
+came back unchanged (catches weights saved under wrong names, which would load as fresh random
+weights). A layer beyond its rounding bound, or logits beyond `merge.tolerance` scaled to the
+working dtype, fail the stage.
 
 Prompt learning methods (prompt tuning, prefix tuning, p-tuning) add virtual tokens, not weight
 deltas, so there is nothing to merge: the stage succeeds, records the reason, and `models/merged/`
@@ -32,7 +35,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks import atomic, layout, models, processed
+from tasks import atomic, layout, merge_parity, models, processed
 from tasks.config import Params
 from tasks.errors import ModelError
 from tasks.adapters import adapter_sha256, attach_adapter, check_adapter, check_finite
@@ -111,27 +114,33 @@ def _reusable(merged_dir: Path, identity: dict, tolerance: float) -> dict | None
     return report
 
 
-def _logits(model, rows: list[list[int]]) -> list:
-    """Logits per row in the model's dtype, one row at a time (no padding, so nothing to mask)."""
+def _digests(model) -> dict[str, str]:
+    """sha256 of every tensor of the state dict (dtype, shape and bytes), by name."""
+    import hashlib
+
     import torch
 
-    out = []
-    with torch.no_grad():
-        for ids in rows:
-            out.append(model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-                       .logits[0])
+    out = {}
+    for name, t in model.state_dict().items():
+        t = t.detach().contiguous().cpu()
+        digest = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+        digest.update((t.view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8)).numpy())  # no copy
+        out[name] = digest.hexdigest()
     return out
 
 
-def _check_roundtrip(folder: Path, merged, base: models.BaseModel, dtype, classification_labels: int | None,
-                     trust_remote_code: bool) -> None:
+def _check_roundtrip(folder: Path, want: dict[str, str], base: models.BaseModel, dtype,
+                     classification_labels: int | None, trust_remote_code: bool) -> None:
+    """The saved folder, loaded as users load it, gives back the merged tensors (`want`: their
+    digests, taken before the merged model was freed, so two copies never coexist). Catches
+    weights saved under names the loader maps elsewhere, which would load as fresh random weights."""
     reloaded = models.load_model(
         models.BaseModel(str(folder), str(folder), None, "", base.is_encoder),
         classification_labels=classification_labels, dtype=dtype, trust_remote_code=trust_remote_code,
     )
-    want = merged.state_dict()
-    got = reloaded.state_dict()
-    wrong = sorted(k for k in want if k not in got or not got[k].equal(want[k]))
+    got = _digests(reloaded)
+    del reloaded
+    wrong = sorted(k for k in want if got.get(k) != want[k])
     if wrong:
         raise ModelError(f"the saved merged model does not reload to the merged weights ({len(wrong)} tensors "
                          f"differ, e.g. {wrong[:3]}); this is a bug, please report it")
@@ -149,30 +158,52 @@ def _not_mergeable(params: Params, method: str, base: models.BaseModel, identity
     return MergeResult(False, reason, False, None, None, str(layout.MERGED), str(report_path))
 
 
-def _merge_fp32(params: Params, base: models.BaseModel, adapter_dir: Path, n_labels: int | None,
-                rows: list[list[int]]):
-    """(merged model in fp32, max |logit diff| of merged vs base + adapter on `rows`)."""
+def _tolerance(params: Params, dtype_name: str) -> float:
+    """merge.tolerance (an fp32 figure) scaled to the working dtype's rounding: eps(dtype) / eps(fp32)."""
     import torch
 
-    # fp32 on CPU: a bf16 merge loses every update smaller than the bf16 rounding step of W
-    # (|B A| << |W|/256 for a small learning rate), so the merged model would silently be the base.
+    return params.merge.tolerance * torch.finfo(getattr(torch, dtype_name)).eps / torch.finfo(torch.float32).eps
+
+
+def _merge(params: Params, base: models.BaseModel, adapter_dir: Path, n_labels: int | None, rows: list[list[int]],
+           dtype_name: str):
+    """(merged model in the saved dtype, merge_parity.Parity): merged layer by layer, each layer
+    checked in float64 on its own (tasks/merge_parity.py), so no float64 copy of the model exists."""
+    import torch
+
+    # The merge works in the dtype it is saved in: the saved weight is round(W + delta) in that dtype
+    # either way, and one copy of the model in it is all the memory the merge needs.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # same fresh class head as evaluate (the adapter normally replaces it)
-        model = models.load_model(base, classification_labels=n_labels, dtype=torch.float32,
+        model = models.load_model(base, classification_labels=n_labels, dtype=getattr(torch, dtype_name),
                                   trust_remote_code=params.model.trust_remote_code).eval()
     model = attach_adapter(model, adapter_dir, base)
-    # Both sides of the parity check run in float64, so it measures the merged weights, not the
-    # forward pass's rounding: fp32 forwards of the same weights in two orders (W x + B A x vs
-    # (W + B A) x) already differ by 1.2e-4 on SmolLM2 with all 30 layers adapted.
-    # fp32 -> fp64 -> fp32 round trips are exact, so the merge itself still happens in fp32.
-    reference = _logits(model.double(), rows)
-    model.float()
     try:
-        merged = model.merge_and_unload(safe_merge=True)
+        return merge_parity.merge_checked(model, rows)
     except ValueError as err:  # safe_merge found non-finite merged weights
         raise ModelError(f"merging {adapter_dir} gives non-finite weights ({err}); re-train the adapter") from None
-    diff = max(float((a - b).abs().max()) for a, b in zip(reference, _logits(merged.double(), rows)))
-    return merged.float(), diff
+
+
+def _checked_parity(params: Params, parity, dtype_name: str, n_rows: int, method: str) -> dict:
+    """The parity figures of the report; ModelError (nothing left in models/merged) when they fail."""
+    tolerance = _tolerance(params, dtype_name)
+    figures = {"max_abs_logit_diff": parity.max_abs_logit_diff, "tolerance": tolerance, "parity_samples": n_rows,
+               "parity_dtype": dtype_name, "max_layer_error": parity.max_layer_error,
+               "worst_layer": parity.worst_layer, "layers_checked": parity.layers_checked}
+    problem = None
+    if not parity.max_layer_error <= 1.0:  # written so that NaN fails too
+        problem = (f"merged layer {parity.worst_layer} differs from base + adapter by {parity.max_layer_error:.3g}x "
+                   f"the rounding bound of {dtype_name} (float64 layer check)")
+    elif not parity.max_abs_logit_diff <= tolerance:
+        scaled = "" if dtype_name == "float32" else f" scaled to {dtype_name}: {tolerance:.3g}"
+        problem = (f"merged model differs from base + adapter by max |logit diff| {parity.max_abs_logit_diff:.3g} > "
+                   f"merge.tolerance {params.merge.tolerance:g}{scaled}")
+    if problem:
+        shutil.rmtree(params.root / layout.MERGED, ignore_errors=True)  # a stale merge must not pass for this one
+        atomic.write_json(params.root / layout.report("merge"), {**figures, "method": method, "passed": False})
+        raise ModelError(f"{problem} on {n_rows} test rows; nothing was written to {layout.MERGED}. "
+                         f"Check the adapter (method {method}) or raise merge.tolerance if the difference is expected")
+    return {**figures, "passed": True}
 
 
 def run(params: Params) -> MergeResult:
@@ -193,7 +224,7 @@ def run(params: Params) -> MergeResult:
 
     dtype_name = target_dtype(params, base)
     identity["dtype"] = dtype_name
-    stored = _reusable(merged_dir, identity, params.merge.tolerance)
+    stored = _reusable(merged_dir, identity, _tolerance(params, dtype_name))
     if stored is not None:
         atomic.write_json(report_path, stored)
         return MergeResult(True, None, True, stored["max_abs_logit_diff"], dtype_name, str(layout.MERGED),
@@ -206,32 +237,22 @@ def run(params: Params) -> MergeResult:
     n_labels = len(label_names) if classification else None
     rows = _parity_rows(params)
     tokenizer = models.load_tokenizer(base, trust_remote_code=params.model.trust_remote_code)
-    merged, diff = _merge_fp32(params, base, adapter_dir, n_labels, rows)
-
+    merged, parity = _merge(params, base, adapter_dir, n_labels, rows, dtype_name)
     report = {"merged": True, "method": method, "base_model": base.spec, **identity,
-              "max_abs_logit_diff": diff, "tolerance": params.merge.tolerance, "parity_samples": len(rows),
-              "parity_dtype": "float64"}
-    if not diff <= params.merge.tolerance:  # written so that NaN fails too
-        shutil.rmtree(merged_dir, ignore_errors=True)  # a stale merge must not pass for this one
-        atomic.write_json(report_path, {**report, "passed": False})
-        raise ModelError(
-            f"merged model differs from base + adapter by max |logit diff| {diff:.3g} > merge.tolerance "
-            f"{params.merge.tolerance:g} on {len(rows)} test rows; nothing was written to {layout.MERGED}. "
-            f"Check the adapter (method {method}) or raise merge.tolerance if the difference is expected"
-        )
-    report["passed"] = True
+              **_checked_parity(params, parity, dtype_name, len(rows), method)}
 
     dtype = getattr(torch, dtype_name)
-    merged = merged.to(dtype)
     if classification:
         merged.config.id2label = dict(enumerate(label_names))
         merged.config.label2id = {name: i for i, name in enumerate(label_names)}
     with atomic.directory(merged_dir) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        _check_roundtrip(tmp, merged, base, dtype, n_labels, params.model.trust_remote_code)
+        want = _digests(merged)
+        del merged  # the caller holds no other reference: the reload below is the only copy
+        _check_roundtrip(tmp, want, base, dtype, n_labels, params.model.trust_remote_code)
         report["merged_weights_sha256"] = models.weights_sha256(tmp)
         atomic.write_json(tmp / MARKER, {**identity, "merged": True,
                                          "merged_weights_sha256": report["merged_weights_sha256"], "report": report})
     atomic.write_json(report_path, report)
-    return MergeResult(True, None, False, diff, dtype_name, str(layout.MERGED), str(report_path))
+    return MergeResult(True, None, False, parity.max_abs_logit_diff, dtype_name, str(layout.MERGED), str(report_path))

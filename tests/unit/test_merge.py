@@ -72,14 +72,56 @@ def test_lora_merge_parity_noop_and_refusal(tiny: Params):
         merge.run(as_base)
 
 
-def test_bf16_target_keeps_fp32_parity(tiny: Params):
+def test_bf16_target_merges_in_bf16_within_its_rounding(tiny: Params):
+    """The merge works in the saved dtype (one copy of the model): every layer passes the float64
+    check, the end-to-end tolerance is merge.tolerance scaled to bf16, and the saved weights are
+    within bf16 rounding of an independent fp32 merge."""
+    from peft import PeftModel
+
     make_adapter(tiny, scale=0.05)
     result = merge.run(with_merge(tiny, dtype="bf16"))
-    assert result.dtype == "bfloat16" and result.max_abs_logit_diff <= 1e-4
+    report = json.loads((tiny.root / layout.report("merge")).read_text())
+    assert result.dtype == "bfloat16" and report["passed"] and report["parity_dtype"] == "bfloat16"
+    assert report["layers_checked"] > 0 and 0.0 <= report["max_layer_error"] <= 1.0
+    eps = torch.finfo(torch.bfloat16).eps
+    assert report["tolerance"] == pytest.approx(1e-4 * eps / torch.finfo(torch.float32).eps)
+    assert result.max_abs_logit_diff <= report["tolerance"]
     out = tiny.root / layout.MERGED
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+
+    # Rounding W, the delta and the sum to bf16 moves each entry by at most eps (|W| + |W'|).
+    saved = load_file(str(out / "model.safetensors"))
+    plain = {k: v.clone() for k, v in models.load_model(models.resolve(tiny.model), dtype=torch.float32).state_dict().items()}
+    reference = PeftModel.from_pretrained(models.load_model(models.resolve(tiny.model), dtype=torch.float32),
+                                          str(tiny.root / layout.ADAPTER)).merge_and_unload().state_dict()
+    changed = 0
+    for name, w in saved.items():
+        ref = reference[name].float()
+        assert ((w.float() - ref).abs() <= eps * (plain[name].abs() + ref.abs()) + 1e-30).all(), name
+        changed += not torch.equal(plain[name].to(torch.bfloat16), w)
+    assert changed > 0  # the update is in the saved weights
+
+
+def test_a_wrong_layer_merge_is_caught_by_the_layer_check(tiny: Params, monkeypatch):
+    """Fault injection: a merge that adds every update twice fails the float64 layer check, and
+    nothing is left in models/merged."""
+    from peft.tuners.lora import Linear
+
+    make_adapter(tiny, scale=0.05)
+    real_merge = Linear.merge
+
+    def doubled(self, safe_merge=False, adapter_names=None):
+        real_merge(self, safe_merge=safe_merge, adapter_names=adapter_names)
+        for name in self.merged_adapters:
+            self.get_base_layer().weight.data += self.get_delta_weight(name)
+
+    monkeypatch.setattr(Linear, "merge", doubled)
+    with pytest.raises(ModelError, match="float64 layer check"):
+        merge.run(tiny)
+    assert not (tiny.root / layout.MERGED).exists()
+    assert json.loads((tiny.root / layout.report("merge")).read_text())["passed"] is False
 
 
 def test_prompt_tuning_is_skipped_with_reason(tiny: Params):
