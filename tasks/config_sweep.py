@@ -93,7 +93,8 @@ class SweepConfig(Section):
         {}, description="Dotted params key -> distribution, e.g. `train.learning_rate: {loguniform: [1.0e-4, 3.0e-3]}`, "
         "`train.peft.r: {choice: [8, 16, 32]}`, `train.peft.r: {int: [4, 64]}`. Empty = no sweep configured.")
     n_trials: int = Field(8, ge=1, le=10000, description="Finished trials (complete or pruned) the study needs.")
-    concurrency: int = Field(1, ge=1, le=64, description="Trials run at once (Prefect tasks in one flow run).")
+    concurrency: int = Field(1, ge=1, le=64, description="Trials run at once: Prefect tasks, in this process when 1, else in worker "
+                             "processes (one per trial slot).")
     include_default: bool = Field(
         True, description="Trial 0 runs the params file's own values of the searched keys (the baseline the best "
         "trial is compared with).")
