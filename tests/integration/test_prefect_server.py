@@ -86,6 +86,7 @@ def prefect_cli(env: dict, *args: str, timeout: float = 180) -> str:
 def deployed(server, tmp_path_factory):
     """Both deployments from prefect.yaml, a process worker, and a tiny project to run them on."""
     prefect_cli(server, "work-pool", "create", "peftflow-pool", "--type", "process")
+    prefect_cli(server, "work-pool", "create", "peftflow-serving", "--type", "process")  # deploy, deploy-poll
     prefect_cli(server, "deploy", "--all")
     log = open(tmp_path_factory.mktemp("worker") / "worker.log", "w")
     worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "peftflow-pool", "--type", "process"],

@@ -8,6 +8,8 @@
 - `services`: real team services on loopback (PostgreSQL, S3, MLflow, Prefect) and their fixtures;
 - `servers`: a restartable MLflow server and a lossy HTTP proxy for the chaos tests;
 - `invariants`: the one invariant checker every chaos test ends with.
+- `deploying`, `deploy_stack`: evaluated versions, a Prefect server, a vLLM API recorder; the whole
+  alias-move-to-serving stack on loopback (the deploy tests and bench/deploy_switch.py).
 
 Test modules never import one another: what two of them share lives here.
 """

@@ -7,9 +7,11 @@ check re-scores a version on its own recorded test rows, so those records must b
   stage, then the real register stage; returns the version. `tamper=True` flips the adapter's
   recorded per-row predictions (and its recorded accuracy to match): a version whose records
   are self-consistent but do not reproduce.
-- `corrupt_artifact(params, version)`: overwrite the stored adapter weights of a version in the
-  MLflow server's artifact folder (the registry's `adapter.sha256` then no longer matches).
-- `WebhookRecorder`-free helpers: `sign(secret, delivery_id, timestamp, body)` (MLflow's scheme).
+- `corrupt_artifact(server_artifacts, run_id)`: overwrite a version's stored adapter weights in the
+  MLflow server's artifact folder (its `adapter.sha256` tag then no longer matches).
+- `sign(secret, delivery_id, timestamp, body)`: MLflow's webhook signature scheme.
+- `PrefectServer(home)`: a real `prefect server start` (triggers and scheduler run there).
+- `VllmRecorder()`: a stand-in for vLLM's runtime LoRA API that records the requests.
 """
 
 from __future__ import annotations
