@@ -173,18 +173,18 @@ class _UserErrorsOffTheTerminal(logging.Filter):
 
 
 @contextlib.contextmanager
-def _user_errors_off_the_terminal() -> Iterator[None]:
+def _console_filter(record_filter: logging.Filter, enabled: bool = True) -> Iterator[None]:
+    """`record_filter` on Prefect's terminal handlers while the block runs (the UI still gets every record)."""
     from prefect.logging.handlers import PrefectConsoleHandler
 
-    consoles = [h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)]
-    quiet = _UserErrorsOffTheTerminal()
+    consoles = [h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)] if enabled else []
     for handler in consoles:
-        handler.addFilter(quiet)
+        handler.addFilter(record_filter)
     try:
         yield
     finally:
         for handler in consoles:
-            handler.removeFilter(quiet)
+            handler.removeFilter(record_filter)
 
 
 class _CompletedOffTheTerminal(logging.Filter):
@@ -225,21 +225,6 @@ def quiet_libraries(log_file: Path) -> None:
         lib.setLevel(logging.WARNING)  # what reached the terminal before: warnings and errors
 
 
-@contextlib.contextmanager
-def _terminal(verbose: bool) -> Iterator[None]:
-    from prefect.logging.handlers import PrefectConsoleHandler
-
-    consoles = [] if verbose else [h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)]
-    quiet = _CompletedOffTheTerminal()
-    for handler in consoles:
-        handler.addFilter(quiet)
-    try:
-        yield
-    finally:
-        for handler in consoles:
-            handler.removeFilter(quiet)
-
-
 def run_flow(flow: Callable[..., Any], kwargs: dict[str, Any], verbose: bool = False) -> Any:
     """See the module docstring. `kwargs["params"]` names the project (its folder holds the log)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -251,8 +236,9 @@ def run_flow(flow: Callable[..., Any], kwargs: dict[str, Any], verbose: bool = F
         quiet_libraries(Path(kwargs.get("params") or "params.yaml").resolve().parent / LOG_FILE)
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        with prefect_api() as url, temporary_settings({PREFECT_API_URL: url}), _user_errors_off_the_terminal(), \
-                _terminal(verbose):
+        with prefect_api() as url, temporary_settings({PREFECT_API_URL: url}), \
+                _console_filter(_UserErrorsOffTheTerminal()), \
+                _console_filter(_CompletedOffTheTerminal(), enabled=not verbose):
             return flow(**kwargs)
     finally:
         signal.signal(signal.SIGTERM, previous)
