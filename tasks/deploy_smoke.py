@@ -18,12 +18,10 @@ not match its tag, the metric is off by more than `tolerance`, or generation doe
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks import devices, evalset, layout, metrics, models, predictions, processed, tracking
-from tasks.adapters import attach_adapter
+from tasks import judge, layout, metrics, predictions, processed, tracking
 from tasks.config import Params
 from tasks.errors import PeftflowError
 
@@ -67,26 +65,11 @@ def recorded_table(params: Params, mv, dst: Path):
     return rows, adapter
 
 
-def _subset(es: evalset.EvalSet, k: int) -> evalset.EvalSet:
-    """The first k rows of an evaluation set (every per-row field cut alike)."""
-    keep = [j for j, pos in enumerate(es.gen_rows) if pos < k]
-    return dataclasses.replace(
-        es, rows=es.rows[:k], prompts=es.prompts[:k], targets=es.targets[:k], labels=es.labels[:k],
-        sequences=es.sequences[:k], label_pairs=es.label_pairs[:k],
-        gen_rows=[es.gen_rows[j] for j in keep], gen_prompts=[es.gen_prompts[j] for j in keep])
-
-
 def _reproduce(params: Params, adapter_dir: Path, recorded_rows: list[int], k: int):
-    base = models.resolve(params.model)
-    tokenizer = models.load_tokenizer(base, trust_remote_code=params.model.trust_remote_code)
-    es = evalset.build(params, tokenizer)
-    if es.rows != list(recorded_rows):
-        raise DeployError("this project's data/processed selects other test rows than the version was evaluated "
-                          "on; run `dvc checkout` / `dvc repro preprocess` for the version's data first")
-    device, dtype = devices.torch_placement(params.train)
-    model = evalset.load_scoring_model(params, base, es.label_names, device, dtype)
-    model = attach_adapter(model, adapter_dir, base).to(device)
-    return evalset.measure(model, _subset(es, k), params, tokenizer, device, "smoke"), es.prompts[0]
+    mismatch = DeployError("this project's data/processed selects other test rows than the version was evaluated "
+                           "on; run `dvc checkout` / `dvc repro preprocess` for the version's data first")
+    measured, es = judge.measure_adapter(params, adapter_dir, recorded_rows, "smoke", mismatch, first=k)
+    return measured, es.prompts[0]
 
 
 def generate_reply(model_dir: Path, prompt: str) -> str:

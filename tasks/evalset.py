@@ -23,6 +23,7 @@ label. The gate compares the adapter with the strongest of these on the same row
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,6 +53,15 @@ class EvalSet:
     content_free: list[list[tuple[list[int], list[int]]]] = field(default_factory=list)  # [prompt][label]
     class_inputs: list[list[int]] = field(default_factory=list)  # content-free inputs of a class head
     pairs: list = field(default_factory=list)  # preference: (chosen, rejected) sequences (tasks/preference_eval.py)
+
+
+def first_rows(es: EvalSet, k: int) -> EvalSet:
+    """The first k rows of `es`, every per-row field cut alike (a new field per row must be cut here too)."""
+    keep = [j for j, pos in enumerate(es.gen_rows) if pos < k]
+    return dataclasses.replace(
+        es, rows=es.rows[:k], prompts=es.prompts[:k], targets=es.targets[:k], labels=es.labels[:k],
+        sequences=es.sequences[:k], label_pairs=es.label_pairs[:k], pairs=es.pairs[:k],
+        gen_rows=[es.gen_rows[j] for j in keep], gen_prompts=[es.gen_prompts[j] for j in keep])
 
 
 @dataclass(frozen=True)

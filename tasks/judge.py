@@ -20,22 +20,32 @@ import numpy as np
 from tasks import devices, evalset, figures, metrics, models
 from tasks.adapters import attach_adapter, check_adapter
 from tasks.config import Params
-from tasks.errors import DataError
+from tasks.errors import DataError, PeftflowError
 from tasks.gate import Comparison
 
 
-def champion_rows(params: Params, adapter_dir: Path, rows: list[int]) -> dict[str, np.ndarray]:
+def measure_adapter(params: Params, adapter_dir: Path, rows: list[int], which: str, mismatch: PeftflowError,
+                    first: int | None = None):
+    """(evalset.Measured, EvalSet): base + the adapter in `adapter_dir` scored on this project's
+    evaluation rows (only the first `first`, when given). Raises `mismatch` when those rows are not
+    `rows`, the rows the adapter's recorded per-row table holds; ModelError for another base."""
     base = models.resolve(params.model)
     check_adapter(adapter_dir, base)  # ModelError when it was trained on another base
     tokenizer = models.load_tokenizer(base, trust_remote_code=params.model.trust_remote_code)
     es = evalset.build(params, tokenizer)
     if es.rows != list(rows):
-        raise DataError("reports/predictions.csv holds other test rows than data/processed selects now; "
-                        "re-run `python -m tasks evaluate`")
+        raise mismatch
     device, dtype = devices.torch_placement(params.train)
     model = evalset.load_scoring_model(params, base, es.label_names, device, dtype)
     model = attach_adapter(model, adapter_dir, base).to(device)
-    return evalset.measure(model, es, params, tokenizer, device, "champion").cols
+    scored = es if first is None else evalset.first_rows(es, first)
+    return evalset.measure(model, scored, params, tokenizer, device, which), es
+
+
+def champion_rows(params: Params, adapter_dir: Path, rows: list[int]) -> dict[str, np.ndarray]:
+    mismatch = DataError("reports/predictions.csv holds other test rows than data/processed selects now; "
+                         "re-run `python -m tasks evaluate`")
+    return measure_adapter(params, adapter_dir, rows, "champion", mismatch)[0].cols
 
 
 def _comparison(params: Params, metric: str, candidate, reference, n_classes: int) -> Comparison | None:
