@@ -70,4 +70,4 @@ def test_the_metric_vocabulary_params_are_checked_against_is_what_tables_compute
     from tasks import metrics
 
     assert set(metrics.METRIC_NAMES) == {*metrics.PREDICTORS, "f1_macro", "loss", "perplexity",
-                                         *metrics.GENERATIVE, "length_ratio"}
+                                         *metrics.GENERATIVE, "length_ratio", *metrics.PREFERENCE}
