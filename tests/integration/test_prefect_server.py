@@ -10,38 +10,21 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO
 from support.projects import registered_versions, small_project
+from support.services import free_port, wait_for
 from tasks import promote, tracking
 from tasks.config import load_params
 
 pytestmark = pytest.mark.integration
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +50,7 @@ def server(tmp_path_factory):
             except httpx.HTTPError:
                 return False
 
-        wait_for(healthy, 180, "prefect server /health")
+        wait_for(healthy, 180, "prefect server /health", interval=1)
         yield env
     finally:
         proc.terminate()

@@ -16,7 +16,6 @@ import contextlib
 import os
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -25,21 +24,11 @@ import requests
 from support.deploying import PrefectServer, corrupt_artifact, deploy_project, register_version
 from support.projects import REPO
 from support.servers import MlflowServer
-from support.services import BIN, free_port, stop_group, wait_http
+from support.services import BIN, free_port, stop_group, wait_for, wait_http
 from tasks import promote, serving_target, tracking
 
 PROMPTS = ["Review: a fine film\nIs this review positive or negative?", "hello"]
 GEN = {"max_new_tokens": 4}
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 class Stack:
