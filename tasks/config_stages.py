@@ -214,11 +214,13 @@ class TrainConfig(Section):
         "visible GPU (1 on CPU). CPU training with N > 1 runs N processes over gloo.",
     )
     objective: Literal["sft", "dpo", "orpo", "kto"] = Field(
-        "sft", description="`sft`: supervised loss on the responses; `dpo`: DPO on `preprocess.format: preference` "
-        "pairs through TRL, the reference being the base with the adapter off (tasks/preference_train.py). "
-        "`orpo` / `kto` are refused for now (use dpo).")
-    beta: float = Field(0.1, gt=0, le=100.0, description="DPO beta: strength of the pull towards the reference; also "
-                        "scales the implied reward evaluate reports (`reward_margin`).")
+        "sft", description="`sft`: supervised loss on the responses; on `preprocess.format: preference` rows, through "
+        "TRL (tasks/preference_trl.py): `dpo` (pairs; reference = the base with the adapter off), `orpo` (pairs; no "
+        "reference model), `kto` (pairs, each side its own row; reference = the base). Which to use: "
+        "docs/architecture.md, \"Preference tuning\".")
+    beta: float = Field(0.1, gt=0, le=100.0, description="DPO/KTO beta: strength of the pull towards the reference; "
+                        "ORPO: the weight (lambda) of its odds-ratio term. Also scales the implied reward evaluate "
+                        "reports (`reward_margin`).")
     init_adapter: str | None = Field(
         None, description="Start from this adapter instead of a fresh one: a folder (relative to the project) or "
         "`models:/<name>@<alias>` / `models:/<name>/<version>` of this project's registry (hash-checked); its own "
@@ -238,15 +240,15 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _objective_supported(self) -> TrainConfig:
-        if self.objective in ("orpo", "kto"):
-            raise ValueError(f"train.objective {self.objective!r} is not supported yet; use dpo (preference pairs) "
-                             "or sft")
+        if self.objective == "kto" and self.micro_batch_size < 2:  # TRL's KTOTrainer refuses it too
+            raise ValueError("train.objective 'kto' estimates its KL term from the other rows of a micro-batch; set "
+                             f"train.micro_batch_size >= 2 (it is {self.micro_batch_size})")
         if self.objective != "sft" and self.fast_path.enabled:
             raise ValueError(f"train.objective {self.objective!r} does not run on the CUDA fast path (packing and "
                              "fused kernels are SFT-only here); set train.fast_path: false")
         if self.objective != "sft" and isinstance(self.devices, int) and self.devices > 1:
             raise ValueError(f"train.objective {self.objective!r} trains on one device here (DDP is not tested "
-                             "with TRL's DPOTrainer); set train.devices: 1")
+                             "with TRL's preference trainers); set train.devices: 1")
         return self
 
     @model_validator(mode="after")

@@ -96,8 +96,11 @@ def fingerprint(es: EvalSet, params: Params, base_weights_sha256: str) -> str:
     }, sort_keys=True).encode())
     for (ids, labels), prompt, target in zip(es.sequences, es.prompts, es.targets):
         h.update(json.dumps([ids, labels, prompt, target]).encode())
-    if es.pairs:  # the rejected side and DPO's beta decide the preference columns too
-        h.update(json.dumps([es.pairs, params.train.beta]).encode())
+    if es.pairs:  # the rejected side, beta and the objective's implied reward decide the preference columns too
+        from tasks import preference_eval
+
+        rule = preference_eval.reward_rule(params.train.objective)
+        h.update(json.dumps([es.pairs, params.train.beta, rule]).encode())
     h.update(es.labels.tobytes())
     return h.hexdigest()
 
@@ -227,7 +230,8 @@ def measure(model, es: EvalSet, params: Params, tokenizer, device, which: str) -
         if es.pairs:
             from tasks import preference_eval
 
-            cols.update(preference_eval.measure(model, es.pairs, params.train.beta, common, which))
+            cols.update(preference_eval.measure(model, es.pairs, params.train.beta, common, which,
+                                                params.train.objective))
     outputs = [""] * n
     if es.gen_rows:
         texts = scoring.generate(model, es.gen_prompts, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,

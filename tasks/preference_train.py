@@ -1,28 +1,32 @@
-"""Preference objectives of the train stage (`train.objective: dpo`) through TRL, and `train.init_adapter`.
+"""Preference objectives of the train stage (`train.objective: dpo | orpo | kto`) through TRL, and
+`train.init_adapter`.
 
 tasks/train.py plans, builds the PeftModel and writes the outputs as for SFT; this module adds:
 - `resolve_init_adapter(params, base) -> InitAdapter | None`: `train.init_adapter` as a local
   folder with its digest: a folder of the project, or a `models:/` URI of this project's
   registry, downloaded and hash-checked (tasks/registry.py). ModelError when it does not fit the base.
 - `attach_init_adapter(model, init) -> PeftModel`: the base with that adapter on it, trainable.
-- `check_data(params, data, world)`: the processed split holds preference columns; one process.
-- `make_trainer(params, plan, model, tokenizer) -> (trainer, model)`: a TRL `DPOTrainer` over the
-  pre-tokenised pairs, with the SFT trainer's NaN check, tokens/s log and sealed checkpoints, so
-  resume (tasks/trainers.train_or_restore) and the outputs are the same as for SFT.
+- `check_data(params, data, world)`: the processed split holds the columns the objective trains
+  on (pairs; KTO also unpaired rows); one process.
+- `make_trainer(params, plan, model, tokenizer) -> (trainer, model)`: the objective's TRL trainer
+  (tasks/preference_trl.py) over the pre-tokenised rows, with the SFT trainer's NaN check,
+  tokens/s log and sealed checkpoints, so resume (tasks/trainers.train_or_restore) and the
+  outputs are the same as for SFT.
 - `report_fields(params, plan) -> dict`: what reports/train.json records (objective, beta, init adapter).
 
-The reference model is the base with the adapter off: one model in memory. TRL (1.16,
-trainer/dpo_trainer.py) handed a PeftModel and `ref_model=None` keeps `ref_model` None and adds a
-frozen copy of the adapter named `ref`, which it uses for the reference pass when it exists
-and otherwise disables the adapters (`use_adapter(model, None)` -> `model.disable_adapter()`).
-The copy is removed here before training. A fresh LoRA has B = 0, so base and the copy agree;
-with `init_adapter` the reference stays the base (not the starting adapter), the same reference
-evaluate uses for the implied reward (tasks/preference_eval.py). The copy would also be saved
-beside the adapter in every checkpoint.
+DPO and KTO: the reference model is the base with the adapter off: one model in memory. TRL
+(1.16, trainer/dpo_trainer.py and trainer/kto_trainer.py) handed a PeftModel and
+`ref_model=None` keeps `ref_model` None and adds a frozen copy of the adapter named `ref`, which
+it uses for the reference pass when it exists and otherwise disables the adapters
+(`use_adapter(model, None)` -> `model.disable_adapter()`). The copy is removed here before
+training. A fresh LoRA has B = 0, so base and the copy agree; with `init_adapter` the reference
+stays the base (not the starting adapter), the same reference evaluate uses for the implied
+reward (tasks/preference_eval.py). The copy would also be saved beside the adapter in every
+checkpoint. ORPO has no reference model at all (its loss is reference-free): no reference pass.
 
-Data: tasks/preference.py tokenised the pairs (chat template, truncation that never cuts a
-response); TRL's own tokenisation is skipped (`_prepare_dataset`) and its collator does not
-truncate (`max_length=None`), so training sees exactly the rows evaluate scores.
+Data: tasks/preference.py tokenised the rows (chat template, truncation that never cuts a
+response); TRL's own tokenisation is skipped and nothing truncates again (tasks/preference_trl.py),
+so training sees exactly the rows evaluate scores.
 """
 
 from __future__ import annotations
@@ -75,11 +79,19 @@ def attach_init_adapter(model, init: InitAdapter):
 
 
 def check_data(params: Params, data, world: int) -> None:
-    """DataError when the processed split lacks the pair columns; ConfigError for several processes."""
-    missing = [c for c in COLUMNS if c not in data.column_names]
+    """DataError when the processed split lacks the columns of the objective (pairs; for KTO pairs or
+    unpaired completion + label rows); ConfigError for several processes."""
+    objective, names = params.train.objective, set(data.column_names)
+    if objective == "kto" and {"prompt_ids", "completion_ids", "kto_label"} <= names:
+        missing = []
+    elif "completion_ids" in names:
+        raise DataError(f"data/processed/train holds unpaired rows (completion + label): train.objective "
+                        f"{objective!r} needs chosen/rejected pairs; set train.objective: kto, or give pairs")
+    else:
+        missing = [c for c in COLUMNS if c not in names]
     if missing:
         raise DataError(f"data/processed/train has no {missing} columns: train.objective "
-                        f"{params.train.objective!r} needs preprocess.format: preference; {processed.REBUILD}")
+                        f"{objective!r} needs preprocess.format: preference; {processed.REBUILD}")
     if world > 1:
         raise ConfigError(f"train.objective {params.train.objective!r} trains on one device here; set "
                           f"train.devices: 1 (it resolved to {world})")
@@ -94,46 +106,18 @@ def report_fields(params: Params, plan) -> dict:
     return fields
 
 
-def _trainer_class():
-    from trl import DPOTrainer
-
-    from tasks import trainers
-
-    class PreferenceTrainer(trainers.PeftflowTrainer, DPOTrainer):
-        """DPOTrainer with the SFT trainer's NaN stop and tokens/s (PeftflowTrainer comes first in the MRO)."""
-
-        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            return dataset  # tokenised by preprocess (tasks/preference.py)
-
-    return PreferenceTrainer
-
-
-def dpo_config(kwargs: dict, params: Params, device: str):
-    """`trl.DPOConfig` from tasks.train.training_arguments' keywords plus the DPO settings."""
-    from trl import DPOConfig
-
-    cfg = params.train
-    args = DPOConfig(**kwargs, beta=cfg.beta, loss_type=["sigmoid"], max_length=None, pad_to_multiple_of=None,
-                     gradient_checkpointing=cfg.gradient_checkpointing, precompute_ref_log_probs=False,
-                     disable_dropout=True)
-    if device == "cuda":  # one GPU even on a multi-GPU host (see tasks/trainers.training_args)
-        _ = args.device
-        args._n_gpu = 1
-    return args
-
-
 def make_trainer(params: Params, plan, model, tokenizer):
     """(PreferenceTrainer over the pairs, the PeftModel it trains); see the module docstring."""
     import os
 
     from transformers import PrinterCallback, ProgressCallback
 
-    from tasks import trainers
+    from tasks import preference_trl, trainers
     from tasks.train import training_arguments
 
     cfg = params.train
     kwargs = training_arguments(cfg, plan.run_dir, device=plan.device, dtype_name=plan.dtype_name, world=plan.world)
-    for key in ("activation_checkpointing", "activation_checkpointing_kwargs"):  # DPOConfig's own name below
+    for key in ("activation_checkpointing", "activation_checkpointing_kwargs"):  # TRL configs' own name instead
         kwargs.pop(key)
     if plan.device == "cuda":
         import torch
@@ -141,11 +125,13 @@ def make_trainer(params: Params, plan, model, tokenizer):
         torch.cuda.reset_peak_memory_stats()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    trainer = _trainer_class()(model=model, ref_model=None, args=dpo_config(kwargs, params, plan.device),
-                               train_dataset=plan.data.select_columns(list(COLUMNS)), processing_class=tokenizer,
-                               callbacks=[trainers.ManifestOnSave()]
-                               + ([trainers.AdaLoraBudget()] if cfg.peft.method == "adalora" else []))
-    if "ref" in model.peft_config:  # TRL's frozen adapter copy: the reference is the base (docstring)
+    cls, args = preference_trl.trainer_and_args(cfg.objective, kwargs, params, plan.device)
+    columns = preference_trl.UNPAIRED_COLUMNS if "completion_ids" in plan.data.column_names else COLUMNS
+    trainer = cls(model=model, args=args, train_dataset=plan.data.select_columns(list(columns)),
+                  processing_class=tokenizer, callbacks=[trainers.ManifestOnSave()]
+                  + ([trainers.AdaLoraBudget()] if cfg.peft.method == "adalora" else []),
+                  **({} if cfg.objective == "orpo" else {"ref_model": None}))  # ORPO has no reference model
+    if "ref" in model.peft_config:  # DPO/KTO: TRL's frozen adapter copy; the reference is the base (docstring)
         model.delete_adapter("ref")
     model.set_adapter("default")
     if os.environ.get("PEFTFLOW_VERBOSE") != "1":  # as tasks/trainers.make_trainer

@@ -4,6 +4,8 @@
 - `pair_rows(n)`: raw rows; the chosen reply names the review's sentiment, the rejected one the other.
 - `preference_project(root, overrides, rows)`: make_project + data/raw/dataset.parquet + the real
   preprocess stage; returns the loaded Params.
+- `assert_one_model_copy(params)`: the trainer of `train.objective` holds the base weights once plus
+  the adapter (no reference copy, no `ref` adapter), and the reference pass TRL runs is the base.
 """
 
 from __future__ import annotations
@@ -57,3 +59,29 @@ def pair_source_project(root: Path, overrides: dict | None = None, rows: int = 4
     (project / "data").mkdir(parents=True, exist_ok=True)
     pd.DataFrame(pair_rows(rows)).to_csv(project / "data" / "pairs.csv", index=False)
     return project
+
+
+def assert_one_model_copy(params: Params) -> None:
+    import torch
+    from trl.trainer.utils import use_adapter
+
+    from tasks import models, train
+
+    plan = train.make_plan(params)
+    model, tokenizer, _ = train.build_model(params, plan)
+    trainer, model = train.make_trainer(params, plan, model, tokenizer)
+    assert getattr(trainer, "ref_model", None) is None and list(model.peft_config) == ["default"]  # `ref` removed
+    base = models.load_model(plan.base)
+    n_base = sum(p.numel() for p in base.parameters())
+    trainable, total = model.get_nb_trainable_parameters()
+    assert total == n_base + trainable  # base weights once, plus the adapter: no second model in memory
+    assert sum(p.numel() for p in trainer.model.parameters()) == total
+    with torch.no_grad():  # make the adapter non-trivial, then the reference pass must still be the base
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.05)
+        ids = torch.tensor([plan.data[0]["input_ids"]])
+        with use_adapter(model, "ref" if "ref" in model.peft_config else None):  # as TRL's reference pass
+            ref = model(input_ids=ids).logits
+        assert torch.allclose(ref, base(input_ids=ids).logits, atol=1e-5)
+        assert not torch.allclose(model(input_ids=ids).logits, ref, atol=1e-3)

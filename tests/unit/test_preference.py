@@ -118,15 +118,23 @@ def test_preference_metrics_are_statistics_of_the_per_row_columns():
 
 @pytest.mark.parametrize("train, fmt, message", [
     ({"objective": "dpo", "fast_path": False}, "instruction", "set preprocess.format: preference"),
-    ({"objective": "orpo", "fast_path": False}, "preference", "'orpo' is not supported yet; use dpo"),
-    ({"objective": "kto", "fast_path": False}, "preference", "'kto' is not supported yet"),
+    ({"objective": "orpo", "fast_path": False}, "instruction", "set preprocess.format: preference"),
+    ({"objective": "kto", "fast_path": False, "micro_batch_size": 1}, "preference",
+     r"'kto' estimates its KL term .* set train.micro_batch_size >= 2 \(it is 1\)"),
     ({"objective": "dpo"}, "preference", "set train.fast_path: false"),
+    ({"objective": "orpo"}, "preference", "'orpo' does not run on the CUDA fast path.*set train.fast_path: false"),
+    ({"objective": "kto"}, "preference", "set train.fast_path: false"),
     ({"objective": "dpo", "fast_path": False, "devices": 2, "micro_batch_size": 4}, "preference",
      "set train.devices: 1"),
+    ({"objective": "kto", "fast_path": False, "devices": 2, "micro_batch_size": 4}, "preference",
+     "'kto' trains on one device here.*set train.devices: 1"),
 ])
 def test_params_refuse_what_preference_training_does_not_support(train, fmt, message):
     with pytest.raises(ConfigError, match=message):
         parse_params({"preprocess": {"format": fmt, "split": {"group_by": None}}, "train": train})
-    ok = parse_params({"preprocess": {"format": "preference"}, "train": {"objective": "dpo", "fast_path": False},
-                       "register": {"primary_metric": "preference_accuracy"}})
-    assert ok.train.objective == "dpo" and parse_params({}).train.objective == "sft"
+    for objective in ("dpo", "orpo", "kto"):
+        ok = parse_params({"preprocess": {"format": "preference"},
+                           "train": {"objective": objective, "fast_path": False},
+                           "register": {"primary_metric": "preference_accuracy"}})
+        assert ok.train.objective == objective
+    assert parse_params({}).train.objective == "sft"

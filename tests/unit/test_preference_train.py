@@ -9,11 +9,10 @@ import math
 import shutil
 
 import pytest
-import torch
 import yaml
 
-from support.preference import preference_project
-from tasks import checkpoints, evaluate, layout, models, train
+from support.preference import assert_one_model_copy, preference_project
+from tasks import checkpoints, evaluate, layout, train
 from tasks.config import load_params
 
 
@@ -25,25 +24,7 @@ def trained(tmp_path_factory):
 
 
 def test_one_model_copy_and_the_reference_pass_is_the_base(trained):
-    params = trained[0]
-    plan = train.make_plan(params)
-    model, tokenizer, _ = train.build_model(params, plan)
-    trainer, model = train.make_trainer(params, plan, model, tokenizer)
-    assert trainer.ref_model is None and list(model.peft_config) == ["default"]  # TRL's `ref` copy removed
-    base = models.load_model(plan.base)
-    n_base = sum(p.numel() for p in base.parameters())
-    trainable, total = model.get_nb_trainable_parameters()
-    assert total == n_base + trainable  # base weights once, plus the adapter: no second model in memory
-    assert sum(p.numel() for p in trainer.model.parameters()) == total
-    with torch.no_grad():  # make the adapter non-trivial, then the reference pass must still be the base
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.add_(0.05)
-        ids = torch.tensor([plan.data[0]["input_ids"]])
-        with model.disable_adapter():
-            ref = model(input_ids=ids).logits
-        assert torch.allclose(ref, base(input_ids=ids).logits, atol=1e-5)
-        assert not torch.allclose(model(input_ids=ids).logits, ref, atol=1e-3)
+    assert_one_model_copy(trained[0])
 
 
 def test_dpo_starts_at_log_2_and_resumes_to_the_same_adapter_bytes(trained):
