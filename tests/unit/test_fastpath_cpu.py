@@ -126,3 +126,37 @@ def test_undo_process_patches_puts_back_swapped_module_globals():
     assert modeling_llama.LlamaRMSNorm is norm and modeling_llama.apply_rotary_pos_emb is rope
     assert fastpath._UNDO == []
     fastpath.undo_process_patches()  # nothing left to undo: a no-op
+
+
+
+def test_compile_layers_reuses_one_graph_and_keeps_the_loss():
+    """Regional compile: every decoder layer compiled; the first layer (its input needs no grad:
+    the embeddings are frozen) and all later layers share two graphs, however deep the model;
+    the loss and adapter gradients match eager."""
+    from peft import LoraConfig, get_peft_model
+    from torch._dynamo.utils import counters
+    from transformers import LlamaForCausalLM
+
+    config = models.random_config("tiny")
+    config.num_hidden_layers = 3
+    torch.manual_seed(0)
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+    batch = _padded(_features([9, 9], seed=3), 256)
+    ref = model(**batch)
+    ref.loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    torch._dynamo.reset()
+    counters.clear()
+    model, _, _ = fastpath.prepare(model, None, FastPathConfig(liger=False, packing=False, compile=True),
+                                   allow_cpu=True)
+    layers = fastpath._base_model(model).model.layers
+    assert "compile_layers" in model.peftflow_fast_path and all(layer._compiled_call_impl for layer in layers)
+    out = model(**batch)
+    out.loss.backward()
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # 3 layers, 2 graphs
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6)
