@@ -213,6 +213,11 @@ class TrainConfig(Section):
         1, description="Training processes on this host, one per device (DDP under torchrun); `auto` = every "
         "visible GPU (1 on CPU). CPU training with N > 1 runs N processes over gloo.",
     )
+    sharding: Literal["none", "fsdp"] = Field(
+        "none", description="With devices > 1: `none` = data-parallel (DDP, a whole model per device); `fsdp` = "
+        "FSDP2 through accelerate: the frozen base is sharded over the devices (one shard per decoder layer), so a "
+        "model that does not fit one device trains on several (tasks/fsdp.py). LoRA and `objective: sft` only.",
+    )
     objective: Literal["sft", "dpo", "orpo", "kto"] = Field(
         "sft", description="`sft`: supervised loss on the responses; on `preprocess.format: preference` rows, through "
         "TRL (tasks/preference_trl.py): `dpo` (pairs; reference = the base with the adapter off), `orpo` (pairs; no "
@@ -249,6 +254,31 @@ class TrainConfig(Section):
         if self.objective != "sft" and isinstance(self.devices, int) and self.devices > 1:
             raise ValueError(f"train.objective {self.objective!r} trains on one device here (DDP is not tested "
                              "with TRL's preference trainers); set train.devices: 1")
+        return self
+
+    @model_validator(mode="after")
+    def _sharding_supported(self) -> TrainConfig:
+        """`sharding: fsdp` only where it is tested (tasks/fsdp.py): say which key to change otherwise."""
+        if self.sharding == "none":
+            return self
+        if self.devices == 1:
+            raise ValueError("train.sharding 'fsdp' shards over several processes; set train.devices > 1 (or auto), "
+                             "or train.sharding: none")
+        peft, fast = self.peft, self.fast_path
+        refused = {  # key: (value, refused?)
+            # 4-bit weights stay unsharded under accelerate's FSDP2; QLoRA + FSDP is untested here
+            "train.peft.quantize_4bit": (peft.quantize_4bit, peft.quantize_4bit),
+            "train.objective": (self.objective, self.objective != "sft"),  # TRL's trainers: untested under FSDP
+            "train.peft.method": (peft.method, peft.method != "lora"),  # the tested one (adapter = trainable params)
+            "train.peft.init": (peft.init, peft.init != "default"),  # PiSSA/OLoRA convert against the whole base
+            "train.peft.use_dora": (peft.use_dora, peft.use_dora),  # untested under FSDP
+            # compiled layers would be wrapped by fully_shard after compilation: untested
+            "train.fast_path.compile": (fast.compile, fast.enabled and fast.compile),
+        }
+        for key, (value, bad) in refused.items():
+            if bad:
+                raise ValueError(f"train.sharding 'fsdp' does not support {key} = {value!r}; change {key}, or set "
+                                 "train.sharding: none")
         return self
 
     @model_validator(mode="after")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks import atomic, checkpoints, devices, distributed, layout, models, peft_methods, preference_train, processed
+from tasks import atomic, checkpoints, devices, distributed, fsdp, layout, models, peft_methods, preference_train, processed
 from tasks.adapters import adapter_sha256
 from tasks.config import Params, TrainConfig
 from tasks.errors import ConfigError, DataError, ModelError
@@ -159,9 +159,10 @@ def fit(params: Params):
     model, tokenizer, initial = build_model(params, plan)
     trainer, model = make_trainer(params, plan, model, tokenizer)  # its arguments: training_arguments()
     trained = trainers.train_or_restore(trainer, model, resume, plan.steps)
+    weights = fsdp.full_adapter_state(model)  # sharded: every rank takes part in gathering the adapter
     if plan.rank != 0:  # the trained weights are identical on every rank; rank 0 writes them
         return None, model
-    report = write_outputs(params, plan, model, tokenizer, initial, trained, started)
+    report = write_outputs(params, plan, model, tokenizer, initial, trained, started, weights=weights)
     return _result(params, report, skipped=False), model
 
 
@@ -289,8 +290,9 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, *, device: str, dtype
         weight_decay=cfg.weight_decay,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        # transformers 5 renamed gradient_checkpointing* (the old names warn on every run)
-        activation_checkpointing=cfg.gradient_checkpointing,
+        # transformers 5 renamed gradient_checkpointing* (the old names warn on every run); sharded,
+        # FSDP checkpoints the layers itself (tasks/fsdp.py)
+        activation_checkpointing=cfg.gradient_checkpointing and cfg.sharding == "none",
         activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         save_strategy="steps",
         save_steps=cfg.save_steps,
@@ -310,6 +312,7 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, *, device: str, dtype
         # Every trainable (adapter) parameter gets a gradient each step; the Trainer's default
         # (True for models without gradient checkpointing) walks the autograd graph again per step.
         **({"ddp_find_unused_parameters": False} if world > 1 else {}),
+        **fsdp.training_arguments(cfg, world),  # `train.sharding: fsdp`: FSDP2 instead of DDP
     )
     return {**(extra or {}), **own}
 
@@ -330,21 +333,23 @@ def make_trainer(params: Params, plan: Plan, model, tokenizer):
     args = trainers.training_args(training_arguments(cfg, plan.run_dir, device=plan.device, dtype_name=plan.dtype_name,
                                                      world=plan.world, extra=extra), world=plan.world, device=plan.device)
     train_set = plan.data.select_columns(["input_ids", "label" if plan.classification else "labels"])
-    return trainers.make_trainer(model, tokenizer, collator, args, train_set, adalora=cfg.peft.method == "adalora",
-                                 device=plan.device), model
+    with fsdp.trainer_construction(args):
+        return trainers.make_trainer(model, tokenizer, collator, args, train_set, adalora=cfg.peft.method == "adalora",
+                                     device=plan.device), model
 
 
 def write_outputs(params: Params, plan: Plan, model, tokenizer, initial: Path | None, trained,
-                  started: float) -> dict:
+                  started: float, *, weights: dict | None = None) -> dict:
     """models/adapter/, reports/train_log.csv and loss_curve.png, then reports/train.json (last:
-    it marks the run as finished); returns that report. `started`: perf_counter() at the start."""
+    it marks the run as finished); returns that report. `started`: perf_counter() at the start;
+    `weights`: the adapter gathered from a sharded model (fsdp.full_adapter_state), else None."""
     from tasks import trainers
 
     root, state = params.root, trained.state
     adapter = root / layout.ADAPTER
     save_kwargs = {"path_initial_model_for_weight_conversion": str(initial)} if initial else {}
     with atomic.directory(adapter) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, **save_kwargs)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=weights, **save_kwargs)
         tokenizer.save_pretrained(tmp)
     rows = trainers.write_log(root / layout.TRAIN_LOG, state.log_history, LOG_FIELDS)
     if rows:
