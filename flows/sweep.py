@@ -1,6 +1,7 @@
 """The `sweep` flow: an Optuna hyperparameter search, each trial a Prefect task, resumable.
 
-`python -m flows.sweep [--params PATH] [--promote-best]`
+`python -m flows.sweep [--params PATH] [--promote-best]`, or the deployment `sweep/sweep` of prefect.yaml
+(`prefect deployment run sweep/sweep -p params=... [-p promote_best=true]`; docs/operations.md).
 
 Contract of `sweep(params="params.yaml", promote_best=False) -> dict` (tasks/sweep.py holds the logic):
 - the params file and the whole search space are checked first (`tasks.sweep.check_space`): an
@@ -35,7 +36,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.futures import as_completed  # noqa: E402
-from prefect.task_runners import ProcessPoolTaskRunner  # noqa: E402
+from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner  # noqa: E402
 
 from flows import runtime, stages  # noqa: E402
 from tasks import sweep as sweeps  # noqa: E402
@@ -64,7 +65,15 @@ def trial(params: Params, parent: str, number: int, trial_id: int) -> dict:
     return asdict(result)
 
 
-def _drive(cfg: Params, study, parent: str) -> None:
+def _runner(cfg: Params):
+    """One trial at a time runs in this process; several run in worker processes: model loading
+    and seeding in transformers are process-global, so trials in threads would collide. Chosen
+    here, not by the caller, so a deployment run and `python -m flows.sweep` behave alike."""
+    n = cfg.sweep.concurrency
+    return ThreadPoolTaskRunner(max_workers=1) if n == 1 else ProcessPoolTaskRunner(max_workers=n)
+
+
+def _drive(cfg: Params, study, parent: str, runner) -> None:
     """Keep up to `concurrency` trials running until `n_trials` have finished; tell each result."""
     from optuna.trial import TrialState
 
@@ -75,7 +84,8 @@ def _drive(cfg: Params, study, parent: str) -> None:
         while failure is None and len(running) < cfg.sweep.concurrency and \
                 sweeps.finished(study) + len(running) < cfg.sweep.n_trials:
             t = sweeps.ask(study, cfg)
-            running[trial.submit(cfg, parent, t.number, t._trial_id)] = t  # the storage's id of the trial
+            running[runner.submit(trial, {"params": cfg, "parent": parent, "number": t.number,
+                                          "trial_id": t._trial_id})] = t  # the storage's id of the trial
         if not running:
             break
         future = next(as_completed(list(running)))
@@ -108,7 +118,8 @@ def sweep(params: str = "params.yaml", promote_best: bool = False) -> dict:
     try:
         stages.ingest(cfg)
         stages.DVC_TASKS["preprocess"](cfg)
-        _drive(cfg, study, parent)
+        with _runner(cfg) as runner:
+            _drive(cfg, study, parent, runner)
         info = sweep_tracking.log_study(cfg, parent, study)
         best = sweeps.write_best(cfg, study)
     except BaseException:
@@ -147,11 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = load_params(args.params)
     sweeps.check_space(cfg)  # a bad space fails here, before a Prefect server starts
-    # One trial at a time runs in this process; several run in worker processes: model loading
-    # and seeding in transformers are process-global, so trials in threads would collide.
-    flow_fn = sweep if cfg.sweep.concurrency == 1 else \
-        sweep.with_options(task_runner=ProcessPoolTaskRunner(max_workers=cfg.sweep.concurrency))
-    info = runtime.run_flow(flow_fn, {"params": args.params, "promote_best": args.promote_best})
+    info = runtime.run_flow(sweep, {"params": args.params, "promote_best": args.promote_best})
     print(json.dumps({k: v for k, v in info.items() if k != "promoted"}, indent=2, default=str))
     return 0
 

@@ -26,7 +26,9 @@ Metrics (those that apply to the format; see tasks/metrics.py):
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,9 +104,30 @@ def _confusion_png(path: Path, es: evalset.EvalSet, predicted, label_names: list
     atomic.write_bytes(path, buf.getvalue())
 
 
-def run(params: Params, split: str = "test") -> EvaluateResult:
+def _base_scores(model, es: evalset.EvalSet, params: Params, tokenizer, device, key: str,
+                 cache: Path | None) -> evalset.Measured:
+    """The base model's per-row table. With `cache` (a folder; a sweep's trials share one) it is
+    kept there under `key` (the fingerprint: base weights, rows, scoring settings) plus every
+    `evaluate:` setting, so the same base on the same rows is scored once, not once per trial."""
+    if cache is None:
+        return evalset.measure(model, es, params, tokenizer, device, "base")
+    digest = hashlib.sha256(json.dumps([key, params.evaluate.model_dump(mode="json")], sort_keys=True).encode())
+    path = cache / f"base-scores-{digest.hexdigest()[:20]}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            cols = {k.removeprefix("col."): z[k] for k in z.files if k.startswith("col.")}
+            return evalset.Measured(cols, [str(o) for o in z["outputs"]])
+    scores = evalset.measure(model, es, params, tokenizer, device, "base")
+    buf = io.BytesIO()
+    np.savez(buf, outputs=np.array(scores.outputs, dtype=str), **{f"col.{k}": v for k, v in scores.cols.items()})
+    atomic.write_bytes(path, buf.getvalue())
+    return scores
+
+
+def run(params: Params, split: str = "test", base_cache: Path | None = None) -> EvaluateResult:
     """Evaluate base and base + adapter on the test split (a sweep trial: `split="validation"`, so
-    selection never sees the test rows); write the report, table and plot."""
+    selection never sees the test rows); write the report, table and plot. `base_cache`: a folder
+    where the base model's per-row table is reused (`_base_scores`; sweep trials), None = score it."""
     root = params.root
     adapter_dir = root / layout.ADAPTER
     base = models.resolve(params.model)
@@ -116,7 +139,8 @@ def run(params: Params, split: str = "test") -> EvaluateResult:
                         "classification needs at least two; re-run preprocess")
     device, dtype = devices.torch_placement(params.train)
     model = evalset.load_scoring_model(params, base, es.label_names, device, dtype)
-    base_scores = evalset.measure(model, es, params, tokenizer, device, "base")
+    fingerprint = evalset.fingerprint(es, params, base.weights_sha256)
+    base_scores = _base_scores(model, es, params, tokenizer, device, fingerprint, base_cache)
     model = attach_adapter(model, adapter_dir, base).to(device)
     adapter_scores = evalset.measure(model, es, params, tokenizer, device, "adapter")
 
@@ -129,7 +153,7 @@ def run(params: Params, split: str = "test") -> EvaluateResult:
         "dtype": str(dtype).removeprefix("torch."),
         "split": split,
         "n_samples": len(es.rows),
-        "fingerprint": evalset.fingerprint(es, params, base.weights_sha256),
+        "fingerprint": fingerprint,
         "n_labeled": int((es.labels >= 0).sum()),
         "n_generated": len(es.gen_rows),
         "label_names": es.label_names,

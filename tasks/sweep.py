@@ -261,7 +261,7 @@ def run_trial(params: Params, trial) -> TrialResult:
         return TrialResult(number, str(folder), "PRUNED", None, {}, {}, {},
                            {"train": took, "evaluate": 0.0, "total": took}, _curve(params, trial))
     trained = time.perf_counter()
-    result = evaluate.run(tp, split="validation")
+    result = evaluate.run(tp, split="validation", base_cache=sweep_dir(params))  # the base: scored once per sweep
     done = time.perf_counter()
     metric = params.sweep.objective.metric
     value = result.adapter.get(metric)

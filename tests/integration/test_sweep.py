@@ -15,7 +15,7 @@ import yaml
 
 from conftest import REPO
 from support.projects import small_project
-from tasks import layout, sweep, sweep_tracking, tracking
+from tasks import layout, register, sweep, sweep_tracking, tracking
 from tasks.config import load_params
 from tasks.errors import ConfigError
 
@@ -103,6 +103,10 @@ def test_killed_sweep_resumes_with_no_trial_lost_or_counted_twice(resumed):
         folder = sweep.sweep_dir(params) / f"trial-{t.number:04d}"
         report = yaml.safe_load((folder / layout.report("evaluate")).read_text())
         assert report["split"] == "validation" and report["adapter"]["accuracy"] == pytest.approx(t.value)
+    # the base model was scored once for the whole sweep: one per-row table, the same base figures in every trial
+    assert len(list(sweep.sweep_dir(params).glob("base-scores-*.npz"))) == 1
+    assert len({yaml.safe_dump(yaml.safe_load((sweep.sweep_dir(params) / f"trial-{t.number:04d}" / layout.report(
+        "evaluate")).read_text())["base"]) for t in complete}) == 1
     # the main project trained and evaluated nothing; dvc.lock records preprocess only
     assert not (project / layout.ADAPTER).exists() and not (project / layout.report("evaluate")).exists()
     assert sorted(yaml.safe_load((project / "dvc.lock").read_text())["stages"]) == ["preprocess"]
@@ -154,6 +158,29 @@ def test_trials_never_read_the_test_split(resumed):
     for folder in scored:
         prompts = set(pd.read_csv(folder / layout.PREDICTIONS)["prompt"])
         assert prompts <= validation and not prompts & test
+
+
+def test_promote_best_registers_a_version_trained_with_the_best_values(resumed):
+    """The finished sweep again with --promote-best: no new trial, the best values written into
+    params.yaml, the finetune flow (test split, registry, gate) registers a version trained with them.
+    After the tests above: it writes the main project's models/ and reports/, which they check are untouched."""
+    project, params, _, _ = resumed
+    before = len(_trials(params))
+    run = subprocess.run([*_cmd(project), "--promote-best"], cwd=REPO, env=_env(project.parent / "prefect-home"),
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    assert len(_trials(params)) == before  # n_trials were finished: nothing asked again
+    best = max((t for t in _trials(params) if t.state.name == "COMPLETE"), key=lambda t: t.value)
+    promoted = load_params(project / "params.yaml")
+    assert (promoted.train.learning_rate, promoted.train.peft.r) == (best.params["train.learning_rate"],
+                                                                     best.params["train.peft.r"])
+    c = tracking.client(params)
+    (version,) = c.search_model_versions(f"name='{params.register.model_name}'")
+    logged = c.get_run(version.run_id).data.params
+    assert float(logged["train.learning_rate"]) == pytest.approx(best.params["train.learning_rate"])
+    assert int(logged["train.peft.r"]) == best.params["train.peft.r"]
+    assert version.tags.get(register.TAG_GATE) in ("true", "false")  # the gate decided on it
+    assert yaml.safe_load((project / layout.report("evaluate")).read_text())["split"] == "test"
 
 
 def test_invalid_space_fails_before_any_trial_naming_the_key(tmp_path):
