@@ -1,5 +1,6 @@
 """Multi-process training: `train.devices > 1` (or `auto` on a multi-GPU host) runs the train
-stage as one process per device under torchrun, data-parallel (DDP through the HF Trainer).
+stage as one process per device under torchrun, data-parallel (DDP through the HF Trainer), or
+with the base model sharded over the processes when `train.sharding: fsdp` (tasks/fsdp.py).
 
 Contract:
 - `world_size(cfg, device)`: how many processes train (`auto` = every visible GPU; 1 on CPU).
@@ -12,8 +13,8 @@ Contract:
 - `exclusive(folder)`: context manager; one rank of the host at a time runs the body. Every
   rank runs the housekeeping that deletes files (stale temp folders, broken checkpoints) under it:
   the first does the deleting, the rest find nothing left to delete. No rank can have written a
-  new checkpoint meanwhile: training needs every rank (DDP's first collective), and each does its
-  housekeeping before it starts.
+  new checkpoint meanwhile: training needs every rank (the first collective of DDP or FSDP), and
+  each does its housekeeping before it starts.
 
 Why a relaunch instead of `accelerate launch` in dvc.yaml: the stage command stays
 `python -m tasks train` for DVC, Prefect and users alike; the number of processes is a param.

@@ -15,8 +15,9 @@ manifest verifies (Trainer restores optimizer, scheduler, RNG and data position)
 adapter and report already match the fingerprint is not retrained.
 
 Several devices (`train.devices` > 1): `run` launches one process per device under torchrun
-(tasks/distributed.py); each trains one share of every global batch (DDP) and rank 0 alone
-writes the outputs above.
+(tasks/distributed.py); each trains one share of every global batch (DDP; with `train.sharding:
+fsdp` each also holds only a shard of the model, tasks/fsdp.py) and rank 0 alone writes the outputs
+above.
 
 Code: this module plans, keeps the books and writes the outputs (`fit` lists the steps);
 tasks/trainers.py, imported lazily, holds the Trainer subclass, its callbacks and the loop.
