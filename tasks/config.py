@@ -206,6 +206,10 @@ class Params(Section):
             raise ValueError(f"train.objective {self.train.objective!r} trains on preference pairs: set "
                              f"preprocess.format: preference (it is {self.preprocess.format!r}), or "
                              "train.objective: sft")
+        pre = self.preprocess
+        if pre.format == "preference" and pre.preference.rows == "unpaired" and self.train.objective != "kto":
+            raise ValueError(f"preprocess.preference.rows 'unpaired' (completion + label, no pairs) trains with "
+                             f"train.objective: kto only (it is {self.train.objective!r}); set it, or give pairs")
         return self
 
 

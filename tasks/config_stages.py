@@ -69,16 +69,23 @@ class ChatConfig(Section):
 
 
 class PreferenceConfig(Section):
-    """`format: preference`: preference pairs (tasks/preference.py). `prompt` is text or a list of
-    messages (read like `preprocess.chat`: role/content keys and `roles`); `chosen` / `rejected` are
-    text or a list holding one assistant message."""
+    """`format: preference`: preference pairs, or KTO's unpaired rows (tasks/preference.py). `prompt`
+    is text or a list of messages (read like `preprocess.chat`: role/content keys and `roles`); a
+    response (`chosen`, `rejected`, `completion`) is text or a list holding one assistant message."""
 
+    rows: Literal["pairs", "unpaired"] = Field(
+        "pairs", description="`pairs`: prompt + chosen/rejected (every preference objective); `unpaired`: prompt + "
+        "one completion + a boolean label, desirable or not (`train.objective: kto` only).")
     prompt_field: str = Field("prompt", description="Column holding the prompt (text, or messages / their JSON).")
-    chosen_field: str = Field("chosen", description="Column holding the preferred response.")
-    rejected_field: str = Field("rejected", description="Column holding the dispreferred response.")
+    chosen_field: str = Field("chosen", description="Column holding the preferred response (`pairs`).")
+    rejected_field: str = Field("rejected", description="Column holding the dispreferred response (`pairs`).")
+    completion_field: str = Field("completion", description="Column holding the response (`unpaired`).")
+    label_field: str = Field(
+        "label", description="Column saying whether the completion is desirable (`unpaired`): a boolean, 0/1, or "
+        "the text true/false.")
     bad_rows: Literal["error", "drop"] = Field(
-        "error", description="Rows with an empty or malformed prompt/response, or chosen equal to rejected: fail "
-        "naming the row (`error`), or drop and count them per reason (`drop`).")
+        "error", description="Rows with an empty or malformed prompt/response, chosen equal to rejected, or a label "
+        "that is not a boolean: fail naming the row and column (`error`), or drop and count them per reason (`drop`).")
 
 
 class PreprocessConfig(Section):
@@ -221,7 +228,7 @@ class TrainConfig(Section):
     objective: Literal["sft", "dpo", "orpo", "kto"] = Field(
         "sft", description="`sft`: supervised loss on the responses; on `preprocess.format: preference` rows, through "
         "TRL (tasks/preference_trl.py): `dpo` (pairs; reference = the base with the adapter off), `orpo` (pairs; no "
-        "reference model), `kto` (pairs, each side its own row; reference = the base). Which to use: "
+        "reference model), `kto` (pairs, or `preference.rows: unpaired` completion + label rows; reference = the base). Which to use: "
         "docs/architecture.md, \"Preference tuning\".")
     beta: float = Field(0.1, gt=0, le=100.0, description="DPO/KTO beta: strength of the pull towards the reference; "
                         "ORPO: the weight (lambda) of its odds-ratio term. Also scales the implied reward evaluate "

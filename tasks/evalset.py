@@ -138,7 +138,7 @@ def build(params: Params, tokenizer, split: str = "test") -> EvalSet:
                  sequences=list(zip(input_ids, seq_labels)), generative=is_generative(params))
     if causal:
         _add_generation(es, params, tokenizer)
-    if pre.format == "preference":
+    if pre.format == "preference" and pre.preference.rows == "pairs":  # unpaired (KTO) rows: no pair to rank
         from tasks import preference_eval
 
         pair_split = processed.read_split(params.root, split, set(preference_eval.COLUMNS))

@@ -1,8 +1,10 @@
-"""`preprocess.format: preference`: prompt + chosen / rejected pairs for DPO, tokenised like `chat`.
+"""`preprocess.format: preference`: prompt + chosen / rejected pairs (DPO, ORPO, KTO), or KTO's
+unpaired prompt + completion + label rows (`preference.rows: unpaired`), tokenised like `chat`.
 
 Contract:
 - `read_row(rec, number, cfg, dropped) -> (row, duplicate key) | None`: one raw record ->
-  a prepared row with a `pair` (`Pair`). `prompt` is text or a list of messages (read as
+  a prepared row with a `pair` (`Pair`, or `Unpaired` for unpaired rows: one response in
+  `completion_field`, its `label_field` a boolean, 0/1 or the text true/false, else `bad_label`). `prompt` is text or a list of messages (read as
   `preprocess.chat` reads them: role/content keys and `roles`; JSON text accepted); `chosen` /
   `rejected` are text, or a list holding one assistant message (TRL's conversational form).
   A bad row (reasons in `BAD_ROW_REASONS`) raises DataError naming the row number (from 0) with
@@ -10,7 +12,9 @@ Contract:
 - `encode_rows(tokenizer, cfg, rows, dropped) -> rows kept`: adds `prompt_ids`, `chosen_ids`,
   `rejected_ids` (one prompt shared by both responses), `input_ids` / `labels` (prompt + chosen,
   loss on chosen: what `objective: sft` trains on), `prompt`, `target` (chosen text), `rejected`.
-- `columns(rows)`, `FEATURES`: the processed columns of one split.
+  Unpaired rows get `completion_ids` and `kto_label` instead of the chosen/rejected columns (the
+  completion encoded exactly as a chosen response would be).
+- `columns(rows, cfg)`, `features(cfg)`: the processed columns of one split.
 
 Rendering: with a chat template (and `preprocess.chat_template` true), the prompt messages (a
 text prompt becomes one user message, after `system_prompt`) plus each response as an assistant
@@ -30,13 +34,16 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from tasks import chat, encoding
 from tasks.config import PreprocessConfig
 from tasks.errors import DataError
 
-BAD_ROW_REASONS = ("malformed", "unknown_role", "empty_content", "same_response")
+BAD_ROW_REASONS = ("malformed", "unknown_role", "empty_content", "same_response", "bad_label")
 FEATURE_LISTS = ("input_ids", "labels", "prompt_ids", "chosen_ids", "rejected_ids")
 FEATURE_TEXTS = ("prompt", "target", "rejected")
+UNPAIRED_LISTS = ("input_ids", "labels", "prompt_ids", "completion_ids")  # plus the boolean `kto_label`
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,25 @@ class Pair:
     @property
     def key(self) -> str:
         return json.dumps([self.prompt_text.strip(), self.messages, self.chosen.strip(), self.rejected.strip()],
+                          sort_keys=True, ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class Unpaired:
+    """A checked unpaired row (KTO): prompt as in Pair, one completion, and whether it is desirable."""
+
+    prompt_text: str
+    messages: list[dict] | None
+    completion: str
+    desirable: bool
+
+    @property
+    def chosen(self) -> str:  # the reference text of the row (`target`)
+        return self.completion
+
+    @property
+    def key(self) -> str:
+        return json.dumps([self.prompt_text.strip(), self.messages, self.completion.strip(), self.desirable],
                           sort_keys=True, ensure_ascii=False)
 
 
@@ -72,25 +98,30 @@ def _response(value: Any, column: str, cfg: PreprocessConfig) -> str:
     return text
 
 
-def check(rec: dict, cfg: PreprocessConfig) -> Pair:
-    """The record's Pair, or chat.BadRow(reason, detail)."""
+def _prompt(rec: dict, cfg: PreprocessConfig) -> tuple[str, list[dict] | None]:
+    """(text prompt or "", prompt messages or None) of a record, or chat.BadRow."""
     pc = cfg.preference
     raw = rec.get(pc.prompt_field)
     if chat._missing(raw):
         raise chat.BadRow("empty_content", f"column '{pc.prompt_field}' is empty")
-    text, messages = "", None
     if isinstance(raw, str) and not raw.lstrip().startswith("["):
-        text = raw
-        if not text.strip():
+        if not raw.strip():
             raise chat.BadRow("empty_content", f"column '{pc.prompt_field}' is empty")
-    else:
-        plain = chat._plain(raw)
-        if not isinstance(plain, list) or not plain:
-            raise chat.BadRow("malformed", f"column '{pc.prompt_field}' is not text or a non-empty list of messages")
-        messages = [chat._message(m, i, cfg) for i, m in enumerate(plain)]
-        if messages[-1]["role"] != "user":
-            raise chat.BadRow("malformed", f"column '{pc.prompt_field}' ends with a {messages[-1]['role']} message; "
-                              "a prompt ends with the user turn the responses answer")
+        return raw, None
+    plain = chat._plain(raw)
+    if not isinstance(plain, list) or not plain:
+        raise chat.BadRow("malformed", f"column '{pc.prompt_field}' is not text or a non-empty list of messages")
+    messages = [chat._message(m, i, cfg) for i, m in enumerate(plain)]
+    if messages[-1]["role"] != "user":
+        raise chat.BadRow("malformed", f"column '{pc.prompt_field}' ends with a {messages[-1]['role']} message; "
+                          "a prompt ends with the user turn the responses answer")
+    return "", messages
+
+
+def check(rec: dict, cfg: PreprocessConfig) -> Pair:
+    """The record's Pair, or chat.BadRow(reason, detail)."""
+    pc = cfg.preference
+    text, messages = _prompt(rec, cfg)
     chosen = _response(rec.get(pc.chosen_field), pc.chosen_field, cfg)
     rejected = _response(rec.get(pc.rejected_field), pc.rejected_field, cfg)
     if chosen.strip() == rejected.strip():
@@ -98,10 +129,29 @@ def check(rec: dict, cfg: PreprocessConfig) -> Pair:
     return Pair(text, messages, chosen, rejected)
 
 
+def _label(value: Any, column: str) -> bool:
+    """A desirability label: a boolean, 0/1, or the text true/false (any case); else chat.BadRow."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise chat.BadRow("bad_label", f"column '{column}' holds {value!r}, not a boolean (true/false, 0/1)")
+
+
+def check_unpaired(rec: dict, cfg: PreprocessConfig) -> Unpaired:
+    """The record's Unpaired row (`preference.rows: unpaired`), or chat.BadRow(reason, detail)."""
+    pc = cfg.preference
+    text, messages = _prompt(rec, cfg)
+    completion = _response(rec.get(pc.completion_field), pc.completion_field, cfg)
+    return Unpaired(text, messages, completion, _label(rec.get(pc.label_field), pc.label_field))
+
+
 def read_row(rec: dict, number: int, cfg: PreprocessConfig, dropped: dict[str, int]) -> tuple[dict, str] | None:
     """`check` under `preprocess.preference.bad_rows`: DataError naming row `number`, or count and None."""
     try:
-        pair = check(rec, cfg)
+        pair = check_unpaired(rec, cfg) if cfg.preference.rows == "unpaired" else check(rec, cfg)
     except chat.BadRow as bad:
         if cfg.preference.bad_rows == "drop":
             dropped[bad.reason] = dropped.get(bad.reason, 0) + 1
@@ -109,6 +159,18 @@ def read_row(rec: dict, number: int, cfg: PreprocessConfig, dropped: dict[str, i
         raise DataError(f"row {number} (counted from 0): {bad.reason}: {bad}. Fix the data, or set "
                         f"preprocess.preference.bad_rows: drop to skip and count such rows") from None
     return {"fields": {}, "target": pair.chosen, "label": -1, "pair": pair, "number": number}, pair.key
+
+
+def _as_pair(row: Pair | Unpaired) -> Pair:
+    """An unpaired row as a Pair whose two sides are its completion: encoded by the same code."""
+    return row if isinstance(row, Pair) else Pair(row.prompt_text, row.messages, row.completion, row.completion)
+
+
+def needed_columns(cfg: PreprocessConfig) -> dict[str, str]:
+    """params key -> the raw column it names, for the columns `preference.rows` reads."""
+    keys = ("prompt_field", "completion_field", "label_field") if cfg.preference.rows == "unpaired" else (
+        "prompt_field", "chosen_field", "rejected_field")
+    return {f"preprocess.preference.{k}": getattr(cfg.preference, k) for k in keys}
 
 
 def dropped_counts() -> dict[str, int]:
@@ -175,7 +237,7 @@ def encode_rows(tokenizer, cfg: PreprocessConfig, rows: list[dict], dropped: dic
     stops = chat.stop_token_ids(tokenizer) if templated else []
     kept = []
     for r in rows:
-        pair = r["pair"]
+        pair = _as_pair(r["pair"])
         if pair.messages is not None and not templated:
             raise DataError(f"row {r['number']} (counted from 0): a prompt of messages needs a tokenizer with a chat "
                             "template and preprocess.chat_template: true")
@@ -188,20 +250,34 @@ def encode_rows(tokenizer, cfg: PreprocessConfig, rows: list[dict], dropped: dic
             raise DataError(f"row {r['number']} (counted from 0): the chat template refused the prompt: "
                             f"{err}") from None
         n = len(enc["prompt_ids"])
-        kept.append({**r, **enc, "input_ids": enc["prompt_ids"] + enc["chosen_ids"],
-                     "labels": [encoding.IGNORE] * n + enc["chosen_ids"], "target": pair.chosen,
-                     "rejected": pair.rejected})
+        row = {**r, **enc, "input_ids": enc["prompt_ids"] + enc["chosen_ids"],
+               "labels": [encoding.IGNORE] * n + enc["chosen_ids"], "target": pair.chosen, "rejected": pair.rejected}
+        if isinstance(r["pair"], Unpaired):  # one response: the completion, with its label
+            row.update(completion_ids=row.pop("chosen_ids"), kto_label=r["pair"].desirable)
+            del row["rejected_ids"], row["rejected"]
+        kept.append(row)
     return kept
 
 
-def columns(rows: list[dict]) -> dict[str, list]:
-    """One split's columns (FEATURE_LISTS, FEATURE_TEXTS, label, truncated) from encoded rows."""
-    return {k: [r[k] for r in rows] for k in (*FEATURE_LISTS, *FEATURE_TEXTS, "label", "truncated")}
+def _names(cfg: PreprocessConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(list columns, text columns) of a processed split for `preference.rows`."""
+    if cfg.preference.rows == "unpaired":
+        return UNPAIRED_LISTS, ("prompt", "target")
+    return FEATURE_LISTS, FEATURE_TEXTS
 
 
-def features() -> dict:
+def columns(rows: list[dict], cfg: PreprocessConfig) -> dict[str, list]:
+    """One split's columns (`features(cfg)`, and truncated) from encoded rows."""
+    lists, texts = _names(cfg)
+    extra = ("kto_label",) if cfg.preference.rows == "unpaired" else ()
+    return {k: [r[k] for r in rows] for k in (*lists, *texts, *extra, "label", "truncated")}
+
+
+def features(cfg: PreprocessConfig) -> dict:
     """The datasets features of a processed preference split."""
     from datasets import List, Value
 
-    return {**{k: List(Value("int32")) for k in FEATURE_LISTS}, "label": Value("int64"),
-            **{k: Value("string") for k in FEATURE_TEXTS}}
+    lists, texts = _names(cfg)
+    unpaired = {"kto_label": Value("bool")} if cfg.preference.rows == "unpaired" else {}
+    return {**{k: List(Value("int32")) for k in lists}, "label": Value("int64"), **unpaired,
+            **{k: Value("string") for k in texts}}

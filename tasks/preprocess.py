@@ -115,7 +115,7 @@ def run(params: Params) -> PreprocessResult:
     report["split"]["stratified"] = stratified
 
     with atomic.directory(root / layout.PROCESSED) as tmp:
-        _dataset_dict(encoded, cfg.format).save_to_disk(str(tmp))
+        _dataset_dict(encoded, cfg).save_to_disk(str(tmp))
     atomic.write_json(root / layout.report("preprocess"), report)
     return PreprocessResult(str(layout.PROCESSED), report["rows"], tuple(label_names), dropped,
                             report["tokens"]["truncated_fraction"])
@@ -147,8 +147,7 @@ def _check_columns(df, cfg: PreprocessConfig) -> None:
     if cfg.format == "chat":  # the tools column is optional
         needed = {"preprocess.chat.messages_field": cfg.chat.messages_field}
     elif cfg.format == "preference":
-        needed = {f"preprocess.preference.{k}": getattr(cfg.preference, k)
-                  for k in ("prompt_field", "chosen_field", "rejected_field")}
+        needed = preference.needed_columns(cfg)
     else:
         needed = {f"preprocess.text_fields[{i}]": c for i, c in enumerate(cfg.text_fields)}
     if _uses_labels(cfg):
@@ -289,7 +288,7 @@ def encode_rows(tokenizer, cfg: PreprocessConfig, rows: list[dict]) -> dict[str,
     if cfg.format == "chat":
         return {k: [r[k] for r in rows] for k in ("input_ids", "labels", "label", "prompt", "target", "truncated")}
     if cfg.format == "preference":
-        return preference.columns(rows)
+        return preference.columns(rows, cfg)
     prompts = [render_prompt(tokenizer, cfg, r["fields"]) for r in rows]
     targets = [r["target"] if cfg.format != "text" else "" for r in rows]
     cols: dict[str, list] = {"input_ids": [], "labels": [], "label": [r["label"] for r in rows],
@@ -318,15 +317,15 @@ def encode_rows(tokenizer, cfg: PreprocessConfig, rows: list[dict]) -> dict[str,
     return cols
 
 
-def _dataset_dict(encoded: dict[str, dict[str, list]], fmt: str):
+def _dataset_dict(encoded: dict[str, dict[str, list]], cfg: PreprocessConfig):
     from datasets import Dataset, DatasetDict, Features, List, Value
 
     features = {"input_ids": List(Value("int32")), "labels": List(Value("int32")), "label": Value("int64"),
                 "prompt": Value("string"), "target": Value("string")}
-    if fmt == "classification":
+    if cfg.format == "classification":
         del features["labels"]
-    if fmt == "preference":
-        features = preference.features()
+    if cfg.format == "preference":
+        features = preference.features(cfg)
     return DatasetDict({
         name: Dataset.from_dict({k: cols[k] for k in features}, features=Features(features))
         for name, cols in encoded.items()

@@ -71,6 +71,32 @@ def test_column_mapping_and_bad_rows_named_by_number_or_dropped_and_counted(tok)
         encode(tok, records)
 
 
+def test_unpaired_kto_rows_map_prompt_completion_and_label_and_bad_rows_are_named(tok):
+    records = [{"q": "Is water wet?", "answer": "Yes.", "ok": True},
+               {"q": json.dumps([{"role": "user", "content": "Hi"}]), "ok": "false",
+                "answer": [{"role": "assistant", "content": "Go."}]},
+               {"q": "Sky?", "answer": "Blue.", "ok": 1}]
+    over = {"preference": {"rows": "unpaired", "prompt_field": "q", "completion_field": "answer", "label_field": "ok"}}
+    rows, dropped = encode(tok, records, **over)
+    assert [r["kto_label"] for r in rows] == [True, False, True] and dropped["too_long"] == 0
+    for r, text in zip(rows, ["Yes.", "Go.", "Blue."]):  # the completion is a whole assistant turn, as in pairs
+        assert tok.decode(r["completion_ids"]) == text + END and r["target"] == text
+        assert r["input_ids"] == r["prompt_ids"] + r["completion_ids"]
+        assert r["labels"] == [-100] * len(r["prompt_ids"]) + r["completion_ids"]
+        assert "chosen_ids" not in r and "rejected_ids" not in r
+    cols = preference.columns(rows, cfg(**over))
+    assert set(cols) == {*preference.features(cfg(**over)), "truncated"}
+    bad = records + [{"q": "x?", "answer": "y", "ok": "maybe"}, {"q": "z?", "answer": " ", "ok": False}]
+    with pytest.raises(DataError, match=r"row 3 \(counted from 0\): bad_label: column 'ok' holds 'maybe', not a "
+                       r"boolean.*bad_rows: drop"):
+        encode(tok, bad, **over)
+    over["preference"]["bad_rows"] = "drop"
+    rows, dropped = encode(tok, bad, **over)
+    assert len(rows) == 3 and (dropped["bad_label"], dropped["empty_content"]) == (1, 1)
+    with pytest.raises(DataError, match=r"preprocess.preference.completion_field = 'completion'.*Columns that exist"):
+        encode(tok, records, preference={"rows": "unpaired", "prompt_field": "q", "label_field": "ok"})
+
+
 def test_truncation_drops_earliest_exchanges_and_never_cuts_a_response(tok):
     turns = []
     for k in range(6):
@@ -118,6 +144,8 @@ def test_preference_metrics_are_statistics_of_the_per_row_columns():
 
 @pytest.mark.parametrize("train, fmt, message", [
     ({"objective": "dpo", "fast_path": False}, "instruction", "set preprocess.format: preference"),
+    ({"objective": "orpo", "fast_path": False}, {"format": "preference", "preference": {"rows": "unpaired"}},
+     r"preprocess.preference.rows 'unpaired' .* trains with train.objective: kto only \(it is 'orpo'\)"),
     ({"objective": "orpo", "fast_path": False}, "instruction", "set preprocess.format: preference"),
     ({"objective": "kto", "fast_path": False, "micro_batch_size": 1}, "preference",
      r"'kto' estimates its KL term .* set train.micro_batch_size >= 2 \(it is 1\)"),
@@ -131,7 +159,8 @@ def test_preference_metrics_are_statistics_of_the_per_row_columns():
 ])
 def test_params_refuse_what_preference_training_does_not_support(train, fmt, message):
     with pytest.raises(ConfigError, match=message):
-        parse_params({"preprocess": {"format": fmt, "split": {"group_by": None}}, "train": train})
+        pre = fmt if isinstance(fmt, dict) else {"format": fmt}
+        parse_params({"preprocess": {**pre, "split": {"group_by": None}}, "train": train})
     for objective in ("dpo", "orpo", "kto"):
         ok = parse_params({"preprocess": {"format": "preference"},
                            "train": {"objective": objective, "fast_path": False},

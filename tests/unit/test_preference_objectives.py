@@ -1,6 +1,6 @@
 """ORPO and KTO (tasks/preference_trl.py) on the tiny model, on the DPO tests' pairs: KTO's rows
 from pairs, training through the train stage's entry point, KTO's one model copy and resume to
-the same bytes, and each objective's implied reward in evaluate."""
+the same bytes, each objective's implied reward in evaluate; KTO on unpaired rows."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from support.preference import assert_one_model_copy, preference_project
+from support.preference import assert_one_model_copy, pair_rows, preference_project
 from tasks import checkpoints, evaluate, layout, models, preference_trl, processed, train
 
 SHORT = {"max_steps": 4, "save_steps": 2}
@@ -112,3 +112,18 @@ def test_kto_evaluates_with_the_implied_reward_against_the_base(kto):
     assert rep["base"]["reward_margin"] == 0.0  # the base is its own reference
     assert rep["base"]["preference_accuracy"] == rep["base"]["logp_accuracy"]
     assert rep["adapter"]["reward_margin"] != 0.0
+
+
+def test_kto_trains_on_unpaired_rows_and_evaluate_reports_no_pair_figures(tmp_path):
+    rows = [{"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
+            for r in pair_rows(20) for side in ("chosen", "rejected")]
+    params = preference_project(tmp_path / "p", {"preprocess": {"preference": {"rows": "unpaired"}},
+                                                 "train": {"objective": "kto", "max_steps": 2, "save_steps": 2},
+                                                 "register": {"primary_metric": "loss"}}, rows)
+    split = processed.read_split(params.root, "train", set(preference_trl.UNPAIRED_COLUMNS))
+    assert sorted(set(split["kto_label"])) == [False, True] and "chosen_ids" not in split.column_names
+    result = train.run(params)
+    assert result.steps == 2 and float(_log(params)[0]["loss"]) == pytest.approx(0.5, abs=1e-6)
+    evaluate.run(params)
+    rep = json.loads((params.root / layout.report("evaluate")).read_text())
+    assert "loss" in rep["adapter"] and "preference_accuracy" not in rep["adapter"]  # no pair to rank
