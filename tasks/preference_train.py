@@ -127,7 +127,9 @@ def make_trainer(params: Params, plan, model, tokenizer):
         tokenizer.pad_token = tokenizer.eos_token
     cls, args = preference_trl.trainer_and_args(cfg.objective, kwargs, params, plan.device)
     columns = preference_trl.UNPAIRED_COLUMNS if "completion_ids" in plan.data.column_names else COLUMNS
-    trainer = cls(model=model, args=args, train_dataset=plan.data.select_columns(list(columns)),
+    rows = plan.data.select_columns(list(columns))
+    rows = preference_trl.in_memory(rows) if cfg.objective == "orpo" else rows  # ORPO maps it: no cache files
+    trainer = cls(model=model, args=args, train_dataset=rows,
                   processing_class=tokenizer, callbacks=[trainers.ManifestOnSave()]
                   + ([trainers.AdaLoraBudget()] if cfg.peft.method == "adalora" else []),
                   **({} if cfg.objective == "orpo" else {"ref_model": None}))  # ORPO has no reference model

@@ -1,6 +1,7 @@
 """TRL's preference trainers fitted to peftflow's pre-tokenised rows: DPO, ORPO and KTO (trl 1.16).
 
-Contract: `trainer_and_args(objective, kwargs, params, device) -> (trainer class, TRL config)`.
+Contract: `trainer_and_args(objective, kwargs, params, device) -> (trainer class, TRL config)`;
+`in_memory(data)`: the split ORPO is handed (see there).
 `kwargs`: tasks.train.training_arguments' keywords without the activation-checkpointing pair (each
 TRL config sets `gradient_checkpointing` itself). Each class puts tasks/trainers.PeftflowTrainer
 first in its MRO (NaN stop, tokens/s) and never lets TRL tokenise: training sees exactly the
@@ -55,6 +56,15 @@ def kto_rows(data, seed: int, micro_batch: int):
         for r, kl in zip(chunk, shifted):
             r["KL_completion_ids"] = kl
     return Dataset.from_list(rows)
+
+
+def in_memory(data):
+    """`data` copied into memory. ORPOTrainer maps its dataset; a map over the on-disk processed
+    split would write cache files into data/processed, changing its hash (the train fingerprint,
+    and DVC's record of the preprocess output)."""
+    from datasets import Dataset
+
+    return Dataset.from_dict(data.to_dict(), features=data.features)
 
 
 def _dpo(base):

@@ -90,13 +90,19 @@ def test_kto_keeps_one_model_copy_and_the_reference_pass_is_the_base(kto):
     assert_one_model_copy(kto[0])
 
 
-def test_kto_starts_at_one_half_and_resumes_to_the_same_adapter_bytes(kto):
-    params, result = kto
-    root = params.root
+def test_kto_starts_at_one_half(kto):
+    params = kto[0]
     # policy == reference at step 0 (fresh LoRA, reference = base, KL estimate 0): 1 - sigmoid(0) per row
     assert float(_log(params)[0]["loss"]) == pytest.approx(0.5, abs=1e-6)
-    report = json.loads((root / layout.report("train")).read_text())
+    report = json.loads((params.root / layout.report("train")).read_text())
     assert report["objective"] == "kto" and report["beta"] == 0.5 and report["tokens_trained"] > 0
+
+
+@pytest.mark.parametrize("objective", ["orpo", "kto"])
+def test_resume_after_a_checkpoint_gives_the_same_adapter_bytes(objective, request):
+    params, result = request.getfixturevalue(objective)
+    root = params.root
+    assert train.make_plan(params).fingerprint == result.fingerprint  # training left data/processed as it was
     uninterrupted = {p.name: p.read_bytes() for p in (root / layout.ADAPTER).glob("*.safetensors")}
     shutil.rmtree(root / layout.ADAPTER)  # as after a crash between the two checkpoints
     (root / layout.report("train")).unlink()
