@@ -20,10 +20,12 @@ tokens tasks/preference.py wrote, the ones evaluate scores (no truncation by TRL
   count (tokens/s) is taken from both sides' attention masks.
 - `kto`: `trl.KTOTrainer` (stable in 1.16). `_prepare_dataset` is replaced by `kto_rows`: a pair
   becomes two unpaired rows (chosen -> label true, rejected -> label false, TRL's own unpairing),
-  rows of `completion_ids` + `kto_label` stay as they are; rows are shuffled with `train.seed`
-  (TRL samples KTO rows sequentially, and its unpairing would put all desirable rows of a map
-  batch before all undesirable ones), then each micro-batch gets TRL's KL completions (rotated by
-  one within it). The reference is the base with the adapter off, as for DPO.
+  rows of `completion_ids` + `kto_label` stay as they are; rows are shuffled once with
+  `train.seed` (TRL samples KTO rows sequentially, the same order every epoch, and its unpairing
+  would put all desirable rows of a map batch before all undesirable ones), then each
+  micro-batch gets TRL's KL completions (rotated by one within it). A KTO step covers
+  `global_batch_size` completions, i.e. half as many pairs as a DPO or ORPO step. The reference
+  is the base with the adapter off, as for DPO.
 """
 
 from __future__ import annotations
