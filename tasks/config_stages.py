@@ -188,7 +188,9 @@ class FastPathConfig(Section):
         False, description="Keep peft's fp32 upcast of LoRA inputs (false = adapters run on bf16 activations).")
     fused_lora: bool = Field(True, description="LoRA update as one addmm into the base layer's output.")
     fused_adamw: bool = Field(True, description="Fused AdamW (`adamw_torch_fused`).")
-    compile: bool = Field(False, description="torch.compile the model (slower here: see docs/benchmarks.md).")
+    compile: bool = Field(True, description="torch.compile each decoder layer (regional: two graphs, reused); "
+                          "inductor then fuses RMSNorm/RoPE/SwiGLU, and Liger keeps only the loss. Not applied "
+                          "with `train.sharding: fsdp` (untested there).")
 
 
 class TrainConfig(Section):
@@ -271,7 +273,7 @@ class TrainConfig(Section):
         if self.devices == 1:
             raise ValueError("train.sharding 'fsdp' shards over several processes; set train.devices > 1 (or auto), "
                              "or train.sharding: none")
-        peft, fast = self.peft, self.fast_path
+        peft = self.peft
         refused = {  # key: (value, refused?)
             # 4-bit weights stay unsharded under accelerate's FSDP2; QLoRA + FSDP is untested here
             "train.peft.quantize_4bit": (peft.quantize_4bit, peft.quantize_4bit),
@@ -279,8 +281,6 @@ class TrainConfig(Section):
             "train.peft.method": (peft.method, peft.method != "lora"),  # the tested one (adapter = trainable params)
             "train.peft.init": (peft.init, peft.init != "default"),  # PiSSA/OLoRA convert against the whole base
             "train.peft.use_dora": (peft.use_dora, peft.use_dora),  # untested under FSDP
-            # compiled layers would be wrapped by fully_shard after compilation: untested
-            "train.fast_path.compile": (fast.compile, fast.enabled and fast.compile),
         }
         for key, (value, bad) in refused.items():
             if bad:

@@ -330,7 +330,9 @@ def make_trainer(params: Params, plan: Plan, model, tokenizer):
     if plan.device == "cuda" and cfg.fast_path.enabled:
         from tasks import fastpath
 
-        model, collator, extra = fastpath.prepare(model, collator, cfg.fast_path)
+        # compiled layers wrapped by fully_shard afterwards are untested: FSDP runs them eager
+        options = cfg.fast_path.model_copy(update={"compile": False}) if cfg.sharding == "fsdp" else cfg.fast_path
+        model, collator, extra = fastpath.prepare(model, collator, options)
     args = trainers.training_args(training_arguments(cfg, plan.run_dir, device=plan.device, dtype_name=plan.dtype_name,
                                                      world=plan.world, extra=extra), world=plan.world, device=plan.device)
     train_set = plan.data.select_columns(["input_ids", "label" if plan.classification else "labels"])

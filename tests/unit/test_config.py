@@ -117,7 +117,7 @@ def test_fast_path_switches_short_form_and_unknown_switch(tmp_path):
     base["train"]["fast_path"] = {"liger": False}
     assert parse_params(base).train.fast_path.model_dump() == {
         "enabled": True, "packing": True, "liger": False, "adapter_input_cast": False, "fused_lora": True,
-        "fused_adamw": True, "compile": False}
+        "fused_adamw": True, "compile": True}
     base["train"]["fast_path"] = {"ligr": False}
     with pytest.raises(ConfigError, match=r"train\.fast_path\.ligr: unknown key"):
         parse_params(base)

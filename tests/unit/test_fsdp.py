@@ -104,7 +104,6 @@ def test_killed_sharded_run_resumes_from_its_sealed_checkpoint_to_the_same_bytes
     ({"peft": {"method": "ia3"}}, "train.peft.method"),
     ({"peft": {"init": "pissa"}}, "train.peft.init"),
     ({"peft": {"use_dora": True}}, "train.peft.use_dora"),
-    ({"fast_path": {"compile": True}}, "train.fast_path.compile"),
 ])
 def test_unsupported_combinations_are_refused_naming_the_key(tmp_path, overrides, key):
     peft = {**yaml.safe_load((REPO / "params.yaml").read_text())["train"]["peft"], "last_layers": None}
