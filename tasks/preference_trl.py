@@ -33,8 +33,8 @@ from __future__ import annotations
 import warnings
 
 from tasks.config import Params
+from tasks.preference_train import COLUMNS as PAIR_COLUMNS  # the pair columns tasks/preference.py writes
 
-PAIR_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 UNPAIRED_COLUMNS = ("prompt_ids", "completion_ids", "kto_label")
 
 

@@ -7,6 +7,8 @@ and `python -m tasks train` as a real process to kill and resume.
 - `launch(params_path)` / `finish(params_path)`: the train stage in a subprocess (stderr to
   <root>/train.stderr); `curve(root)`: the per-step log without timings; `started`/`sealed_step`:
   checkpoint-<step> begun / sealed; `wait_until`, `kill_when`: poll, and SIGKILL at a checkpoint.
+- `SAME_GLOBAL_BATCH`: train overrides that several processes split the same way one process
+  accumulates (the multi-process tests compare against one process); `losses(root)`: the loss column.
 """
 
 from __future__ import annotations
@@ -86,6 +88,15 @@ def launch(params_path: Path) -> subprocess.Popen:
     log = open(params_path.parent / "train.stderr", "ab")
     return subprocess.Popen([sys.executable, "-m", "tasks", "train", "--params", str(params_path)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=log)
+
+
+# Same global batch either way: 1 process x micro 2 x accumulation 4, or 2 processes x micro 2 x 2.
+SAME_GLOBAL_BATCH = {"max_steps": 6, "global_batch_size": 8, "micro_batch_size": 2, "save_steps": 3}
+
+
+def losses(root: Path) -> list[float]:
+    with open(root / layout.TRAIN_LOG) as f:
+        return [float(r["loss"]) for r in csv.DictReader(f)]
 
 
 def finish(params_path: Path) -> None:

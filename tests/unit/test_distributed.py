@@ -4,7 +4,6 @@ multi-process run leaves no orphan worker behind and resumes to the same bytes."
 
 from __future__ import annotations
 
-import csv
 import json
 import time
 from pathlib import Path
@@ -15,45 +14,32 @@ from safetensors.torch import load_file
 from tasks import checkpoints, layout
 from tasks.config import load_params
 from tasks.errors import ConfigError
-from support.training import adapter_bytes, curve, finish, launch, sealed_step, tiny_project, wait_until
+from support.training import (SAME_GLOBAL_BATCH, adapter_bytes, curve, finish, launch, losses, sealed_step,
+                              tiny_project, wait_until)
 
-# Same global batch either way: 1 process x micro 2 x accumulation 4, or 2 processes x micro 2 x 2.
-COMMON = {"max_steps": 6, "global_batch_size": 8, "micro_batch_size": 2, "save_steps": 3}
-
-
-@pytest.fixture(scope="module")
-def single(tmp_path_factory) -> Path:
-    params = tiny_project(tmp_path_factory.mktemp("one") / "p", {**COMMON, "devices": 1})
-    finish(params)
-    return params.parent
 
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory) -> Path:
-    params = tiny_project(tmp_path_factory.mktemp("two") / "p", {**COMMON, "devices": 2})
+    params = tiny_project(tmp_path_factory.mktemp("two") / "p", {**SAME_GLOBAL_BATCH, "devices": 2})
     finish(params)
     return params.parent
 
 
-def losses(root: Path) -> list[float]:
-    with open(root / layout.TRAIN_LOG) as f:
-        return [float(r["loss"]) for r in csv.DictReader(f)]
-
-
-def test_two_processes_match_one_on_the_same_global_batch(single, two):
-    one_losses, two_losses = losses(single), losses(two)
-    assert len(one_losses) == len(two_losses) == COMMON["max_steps"]
+def test_two_processes_match_one_on_the_same_global_batch(one_process_run, two):
+    one_losses, two_losses = losses(one_process_run), losses(two)
+    assert len(one_losses) == len(two_losses) == SAME_GLOBAL_BATCH["max_steps"]
     assert two_losses == pytest.approx(one_losses, rel=1e-5, abs=1e-6)
-    a = load_file(str(single / layout.ADAPTER / "adapter_model.safetensors"))
+    a = load_file(str(one_process_run / layout.ADAPTER / "adapter_model.safetensors"))
     b = load_file(str(two / layout.ADAPTER / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     assert diff <= 1e-5, f"max |adapter(2 processes) - adapter(1 process)| = {diff:.2e}"
     assert any((a[k] != 0).any() for k in a)  # a trained adapter, not the zero-initialised B
     report = json.loads((two / layout.report("train")).read_text())
-    assert report["steps"] == COMMON["max_steps"]
+    assert report["steps"] == SAME_GLOBAL_BATCH["max_steps"]
     # both ranks put their RNG state into the checkpoint, and the manifest (written after both) lists them
-    [last] = (two / layout.CHECKPOINTS).glob(f"*/checkpoint-{COMMON['max_steps']}")
+    [last] = (two / layout.CHECKPOINTS).glob(f"*/checkpoint-{SAME_GLOBAL_BATCH['max_steps']}")
     assert checkpoints.verify(last)
     listed = json.loads((last / checkpoints.MANIFEST).read_text())["files"]
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= listed.keys()
@@ -73,7 +59,7 @@ def _processes_mentioning(text: str) -> list[int]:
 
 
 def test_killed_launcher_leaves_no_worker_and_rerun_resumes_to_the_same_bytes(tmp_path, two):
-    params = tiny_project(tmp_path / "p", {**COMMON, "devices": 2})
+    params = tiny_project(tmp_path / "p", {**SAME_GLOBAL_BATCH, "devices": 2})
     root = params.parent
     proc = launch(params)
     wait_until(proc, lambda: sealed_step(root, 3), 300)

@@ -5,7 +5,6 @@ combinations that are not supported are refused naming the key."""
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 from pathlib import Path
@@ -20,18 +19,10 @@ from tasks.config import ModelConfig, TrainConfig, load_params
 from tasks.errors import ConfigError
 from tasks.train import training_arguments
 from support.projects import REPO
-from support.training import adapter_bytes, curve, finish, launch, sealed_step, tiny_project, wait_until
+from support.training import (SAME_GLOBAL_BATCH, adapter_bytes, curve, finish, launch, losses, sealed_step,
+                              tiny_project, wait_until)
 
-# Same global batch either way: 1 process x micro 2 x accumulation 4, or 2 processes x micro 2 x 2.
-COMMON = {"max_steps": 6, "global_batch_size": 8, "micro_batch_size": 2, "save_steps": 3}
-SHARDED = {**COMMON, "devices": 2, "sharding": "fsdp"}
-
-
-@pytest.fixture(scope="module")
-def single(tmp_path_factory) -> Path:
-    params = tiny_project(tmp_path_factory.mktemp("one") / "p", {**COMMON, "devices": 1})
-    finish(params)
-    return params.parent
+SHARDED = {**SAME_GLOBAL_BATCH, "devices": 2, "sharding": "fsdp"}
 
 
 @pytest.fixture(scope="module")
@@ -41,16 +32,11 @@ def sharded(tmp_path_factory) -> Path:
     return params.parent
 
 
-def losses(root: Path) -> list[float]:
-    with open(root / layout.TRAIN_LOG) as f:
-        return [float(r["loss"]) for r in csv.DictReader(f)]
-
-
-def test_sharded_training_matches_one_process_and_saves_the_whole_adapter(single, sharded):
-    one_losses, fsdp_losses = losses(single), losses(sharded)
-    assert len(fsdp_losses) == COMMON["max_steps"]
+def test_sharded_training_matches_one_process_and_saves_the_whole_adapter(one_process_run, sharded):
+    one_losses, fsdp_losses = losses(one_process_run), losses(sharded)
+    assert len(fsdp_losses) == SAME_GLOBAL_BATCH["max_steps"]
     assert fsdp_losses == pytest.approx(one_losses, rel=1e-5, abs=1e-6)
-    a = load_file(str(single / layout.ADAPTER / "adapter_model.safetensors"))
+    a = load_file(str(one_process_run / layout.ADAPTER / "adapter_model.safetensors"))
     b = load_file(str(sharded / layout.ADAPTER / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     assert {k: (t.dtype, t.shape) for k, t in a.items()} == {k: (t.dtype, t.shape) for k, t in b.items()}
@@ -58,11 +44,11 @@ def test_sharded_training_matches_one_process_and_saves_the_whole_adapter(single
     assert diff <= 1e-5, f"max |adapter(FSDP, 2 processes) - adapter(1 process)| = {diff:.2e}"
     assert any((b[k] != 0).any() for k in b)  # a trained adapter, not the zero-initialised B
     config = json.loads((sharded / layout.ADAPTER / "adapter_config.json").read_text())
-    assert config == json.loads((single / layout.ADAPTER / "adapter_config.json").read_text())
+    assert config == json.loads((one_process_run / layout.ADAPTER / "adapter_config.json").read_text())
 
     # It really ran sharded: accelerate's FSDP save wrote its files (DDP writes optimizer.pt instead),
     # holding the trainable parameters only, and the manifest, sealed after both ranks, lists them.
-    [last] = (sharded / layout.CHECKPOINTS).glob(f"*/checkpoint-{COMMON['max_steps']}")
+    [last] = (sharded / layout.CHECKPOINTS).glob(f"*/checkpoint-{SAME_GLOBAL_BATCH['max_steps']}")
     assert checkpoints.verify(last)
     listed = json.loads((last / checkpoints.MANIFEST).read_text())["files"]
     assert {"pytorch_model_fsdp.bin", "optimizer.bin", "adapter_model.safetensors", "rng_state_0.pth",
@@ -77,7 +63,7 @@ def test_sharded_training_matches_one_process_and_saves_the_whole_adapter(single
     loaded = {k.replace(".default", ""): v for k, v in model.state_dict().items() if "lora_" in k}
     assert all(torch.equal(loaded[k], b[k]) for k in b)
     report = json.loads((sharded / layout.report("train")).read_text())
-    assert report["steps"] == COMMON["max_steps"] and report["devices"] == 2
+    assert report["steps"] == SAME_GLOBAL_BATCH["max_steps"] and report["devices"] == 2
     print(f"FIGURE FSDP 2-process gloo vs 1 process: max |loss diff| "
           f"{max(abs(x - y) for x, y in zip(one_losses, fsdp_losses)):.2e}, max |adapter diff| {diff:.2e}")
 
